@@ -1,0 +1,82 @@
+"""Checkpoint folders that are either complete or invisible.
+
+``accelerator.save_state`` writes into ``checkpoints/.tmp-checkpoint-N``; only after everything is on
+disk (the last file written is ``trainer_state.json``) is the folder renamed to ``checkpoint-N``. A
+kill during a save leaves a ``.tmp-`` folder that resume ignores and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
+    """``None`` -> no resume; ``'auto'`` -> newest complete checkpoint (or none); else that folder."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def temporary_dir(root: Path, step: int) -> Path:
+    return root / f".tmp-checkpoint-{step}"
+
+
+def finalize(tmp: Path, root: Path, step: int, state: dict, keep: Optional[int]) -> Path:
+    """Write the state file, fsync, rename ``tmp`` into place, and drop checkpoints beyond ``keep``."""
+    state_path = tmp / STATE_FILE
+    with open(state_path, "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    final = root / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep is not None:
+        for old in checkpoint_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    if root.is_dir():
+        for p in root.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

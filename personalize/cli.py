@@ -1,0 +1,124 @@
+"""The ``personalize`` command: train, generate, recipes.
+
+    personalize train RECIPE [section.key=value ...]
+    personalize generate --base MODEL [--lora DIR] [--embeddings FILE --token T] --prompt "..." -n 4
+    personalize recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(name: str) -> Path:
+    """A path, or a shipped recipe name such as ``tiny/lora`` or ``dreambooth-sd15``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_config reports that it does not exist
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cmd_train(args) -> int:
+    from personalize.config import load_config
+    from personalize.trainer import Trainer
+
+    config = load_config(resolve_recipe(args.recipe), args.overrides)
+    out = Trainer(config).train()
+    print(f"done: {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from personalize.generate import build_pipeline, image_grid, render
+
+    pipe = build_pipeline(args.base, lora=args.lora, embeddings=args.embeddings, token=args.token,
+                          allow_pickle=args.allow_pickle)
+    if args.lora_scale != 1.0 and args.lora:
+        pipe.fuse_lora(lora_scale=args.lora_scale)
+    images = render(None, [args.prompt], args.n, args.steps, args.guidance, args.seed, args.resolution,
+                    negative_prompt=args.negative_prompt, device=args.device, pipeline=pipe)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i:03d}.png")
+    image_grid(images, rows=1).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    for path in shipped_recipes():
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{str(path.relative_to(RECIPES_DIR).with_suffix('')):28s} {first}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="personalize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train with a recipe (same as `accelerate launch -m personalize.train`)",
+                       description="Train with a YAML recipe. Overrides use dotted keys: train.max_steps=400 "
+                                   "lora.rank=8. Multi-GPU: accelerate launch -m personalize.train RECIPE ...")
+    p.add_argument("recipe", help="recipe file, or a shipped recipe name (see `personalize recipes`)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate images with a base model + LoRA / embeddings / DreamBooth output")
+    p.add_argument("--base", required=True, help="base model, or a DreamBooth output folder")
+    p.add_argument("--lora", help="folder or file with pytorch_lora_weights.safetensors (diffusers or kohya keys)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
+    p.add_argument("--embeddings", help="learned_embeds.safetensors (Textual Inversion) or its folder")
+    p.add_argument("--token", help="token for the embeddings (default: the one stored in the file)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("-n", type=int, default=4, help="images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the pipeline's)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled base checkpoints")
+    p.add_argument("--out", default="outputs/generated", help="output folder")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from personalize.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Load SD 1.x / 2.x / SDXL components from a hub id, a local diffusers folder or a single file.
+
+Offline, a hub id that is not in the local cache fails at once with a message that says how to point
+at a local copy. Pickled checkpoints (.ckpt/.bin/.pt/.pth) can execute code when loaded and are
+refused unless ``model.allow_pickle: true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from personalize.models.tiny import TINY_MODELS, build_tiny
+
+PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
+SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says why and what to do."""
+
+
+def load_components(config) -> tuple[str, dict]:
+    """Return (family name, diffusers components) for ``config.base`` (a :class:`ModelConfig`)."""
+    base = config.base
+    if base in TINY_MODELS:
+        return build_tiny(base)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return _load_folder(path, config)
+    if path.is_file():
+        return _load_single_file(path, config)
+    if base.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES or base.count("/") > 1:
+        raise ModelLoadError(f"model.base: {base} does not exist")
+    return _load_folder(_hub_snapshot(base, config), config)
+
+
+def _refuse_pickle(path: Path, config) -> None:
+    if not config.allow_pickle:
+        raise ModelLoadError(
+            f"model.base: {path} is a pickled checkpoint, and loading a pickle can execute arbitrary code. "
+            "Convert it to .safetensors, or set model.allow_pickle=true if you trust its source."
+        )
+
+
+def _load_folder(path: Path, config) -> tuple[str, dict]:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"model.base: {path} is not a diffusers model folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    family = "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd"
+    weights = [p for p in path.glob("*/*") if p.suffix in {".safetensors", ".bin"}]
+    use_safetensors = any(p.suffix == ".safetensors" for p in weights)
+    if not use_safetensors:
+        _refuse_pickle(path, config)
+    kw = dict(variant=config.variant, use_safetensors=use_safetensors)
+    try:
+        components = {
+            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        }
+        if family == "sdxl":
+            components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", **kw)
+            components["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(f"model.base: could not load {path}: {err}") from None
+    return family, components
+
+
+def _single_file_family(path: Path) -> str:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    else:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=False)  # allowed by allow_pickle
+        keys = list(state.get("state_dict", state))
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
+
+
+def _load_single_file(path: Path, config) -> tuple[str, dict]:
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"model.base: {path} is not a .safetensors/.ckpt checkpoint")
+    if path.suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(path, config)
+    from personalize.models.family import FAMILIES
+
+    family = _single_file_family(path)
+    pipeline_cls = FAMILIES[family].pipeline_class
+    kwargs = {}
+    if config.single_file_config:
+        kwargs = {"config": str(config.single_file_config), "local_files_only": True}
+    try:
+        pipe = pipeline_cls.from_single_file(str(path), safety_checker=None, **kwargs)
+    except Exception as err:  # diffusers raises many types here; all mean the same to the user
+        hint = ("" if config.single_file_config else
+                " Offline, diffusers needs the model's configs: set model.single_file_config to a local "
+                "diffusers folder of the same architecture.")
+        raise ModelLoadError(f"model.base: could not load single file {path}: {err}.{hint}") from None
+    components = {k: v for k, v in pipe.components.items() if v is not None}
+    components["scheduler"] = DDPMScheduler.from_config(pipe.scheduler.config)
+    return family, components
+
+
+def _offline_message(repo_id: str) -> str:
+    return (
+        f"model.base: the weights of '{repo_id}' are not on this machine and the Hugging Face Hub cannot be "
+        f"reached. Download them where there is network (`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`), "
+        f"copy the folder here and set model.base=./{repo_id.split('/')[-1]} (or a single .safetensors file)."
+    )
+
+
+def _hub_snapshot(repo_id: str, config) -> Path:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=config.revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        raise ModelLoadError(_offline_message(repo_id))
+    try:
+        huggingface_hub.model_info(repo_id, revision=config.revision, timeout=10)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model.base: '{repo_id}' is neither a local path nor a model on the hub") from None
+    except Exception:  # connection refused, DNS failure, timeout: one clear message, no retries
+        raise ModelLoadError(_offline_message(repo_id)) from None
+    patterns = ["*.json", "*.txt", "*.safetensors"] + (["*.bin"] if config.allow_pickle else [])
+    return Path(huggingface_hub.snapshot_download(repo_id, revision=config.revision, allow_patterns=patterns))

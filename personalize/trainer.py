@@ -1,0 +1,372 @@
+"""THE training loop. One loop over ``accelerate.Accelerator`` for every method.
+
+The trainer owns precision, accumulation, distribution, optimizer and schedule, clipping, the NaN
+guard, EMA, logging, validation images, checkpoints and resume, clean stops on SIGINT/SIGTERM and
+the final export. A method (``personalize.methods``) only says what trains and how the loss is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from personalize import checkpointing
+from personalize.config import Config
+from personalize.data.cache import TextCache, cache_latents
+from personalize.data.class_images import ensure_class_images
+from personalize.data.datasets import PriorPairDataset, StepBatchSampler, collate
+from personalize.methods import get_method_class
+from personalize.methods.base import _unwrap
+from personalize.models import load_models
+from personalize.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("personalize")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing was exported."""
+
+
+class TrainingStopped(SystemExit):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. Exit code 128 + signal number."""
+
+
+class _StopRequest:
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("got %s: finishing this step, saving a checkpoint, then stopping "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    def __init__(self, config: Config, method=None):
+        self.config = config
+        self.method = method or get_method_class(config.method)(config)
+        self.output_dir = Path(config.train.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.step = 0
+        self.history: list[dict] = []  # logged loss terms per step (main process)
+
+    # ---------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, train, method = self.config, self.config.train, self.method
+        log_with = None if train.report_to == "none" else train.report_to
+        self.accelerator = acc = Accelerator(
+            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        self.models = models = load_models(cfg.model)
+        method.setup(models)
+        if method.needs_class_images():
+            if acc.is_main_process:
+                made = ensure_class_images(cfg.prior, models, cfg.data.resolution, train.seed, acc.device,
+                                           progress=train.progress_bar)
+                logger.info("generated %d class images in %s", made, cfg.prior.class_images)
+            acc.wait_for_everyone()
+        self.dataset = method.dataset()
+
+        self.weight_dtype = DTYPES[train.mixed_precision]
+        for module in [models.vae, *models.text_encoders, models.unet]:
+            module.to(acc.device)
+            for p in module.parameters():  # trainable weights stay fp32: no "unscale FP16 gradients"
+                p.data = p.data.to(torch.float32 if p.requires_grad else self.weight_dtype)
+        if train.gradient_checkpointing:
+            method.gradient_checkpointing()
+        if cfg.data.cache:
+            self._cache()
+
+        self.params = [p for group in method.trainable_parameters() for p in group["params"]]
+        if not self.params:
+            raise RuntimeError(f"method {method.name} has no trainable parameters")
+        lr = train.learning_rate
+        if train.scale_lr:
+            lr *= train.batch_size * train.gradient_accumulation_steps * acc.num_processes
+        self.optimizer = build_optimizer(method.trainable_parameters(), train, lr)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, train)
+        names = list(method.trainable_modules())
+        prepared = acc.prepare(*method.trainable_modules().values(), self.optimizer)
+        self.modules, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self._install_prepared(dict(zip(names, self.modules)))
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.ema = None
+        if train.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=train.ema_decay)
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+
+    def _install_prepared(self, prepared: dict) -> None:
+        """Put the (possibly DDP-wrapped) trainable modules back into the model bundle."""
+        models = self.models
+        if "unet" in prepared:
+            models.unet = prepared["unet"]
+        for i, key in enumerate(["text_encoder", "text_encoder_2"][: len(models.text_encoders)]):
+            if key in prepared:
+                models.text_encoders[i] = prepared[key]
+        self.method.models = models
+
+    def _cache(self) -> None:
+        datasets = [self.dataset.instance, self.dataset.class_] if isinstance(self.dataset, PriorPairDataset) else [self.dataset]
+        show = self.config.train.progress_bar and self.accelerator.is_main_process
+        for dataset in datasets:
+            cache_latents(dataset, self.models, self.accelerator.device, progress=show)
+        if not self.method.trains_text_encoder:
+            self.method.text_cache = cache = TextCache(self.models)
+            with self.accelerator.autocast():
+                cache.fill(self.method.prompts([e.prompt for d in datasets for e in d.examples] + [""]))
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        from safetensors.torch import save_file
+
+        weights.clear()  # accelerate would save full models; save only the trainable weights instead
+        if self.accelerator.is_main_process:
+            save_file(self.method.trainable_state_dict(), str(Path(output_dir) / "trainable_weights.safetensors"))
+
+    def _load_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        models.clear()
+        self.method.load_trainable_state_dict(load_file(str(Path(input_dir) / "trainable_weights.safetensors")))
+
+    # ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        tmp = checkpointing.temporary_dir(self.checkpoint_root, self.step)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        final = self.checkpoint_root / f"checkpoint-{self.step}"
+        if acc.is_main_process:
+            state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict()}
+            final = checkpointing.finalize(tmp, self.checkpoint_root, self.step, state,
+                                           self.config.train.checkpoints_total_limit)
+            logger.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        train = self.config.train
+        try:
+            checkpoint = checkpointing.resolve_resume(train.resume, self.checkpoint_root)
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from None
+        if checkpoint is None:
+            if train.resume == "auto":
+                logger.info("resume: auto found no checkpoint in %s; starting from step 0", self.checkpoint_root)
+            return
+        state = checkpointing.read_state(checkpoint)
+        if state["method"] != self.method.name:
+            raise SystemExit(f"error: {checkpoint} was written by method {state['method']!r}, not {self.method.name!r}")
+        self.accelerator.load_state(str(checkpoint))
+        self.step = int(state["global_step"])
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    # ---------------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Run to ``train.max_steps`` (resuming if asked) and export; return the output folder."""
+        self.setup()
+        cfg, train, acc = self.config, self.config.train, self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            checkpointing.remove_stale_temporaries(self.checkpoint_root)
+        self._resume()
+        if acc.log_with:
+            acc.init_trackers("personalize", config=_flat(cfg.to_dict()))
+        accumulation = train.gradient_accumulation_steps
+        sampler = StepBatchSampler(len(self.dataset), train.batch_size, train.seed, self.step * accumulation,
+                                   acc.process_index, acc.num_processes)
+        batches = iter(DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                                  num_workers=cfg.data.num_workers))
+        bar = tqdm(total=train.max_steps, initial=self.step, desc=f"{self.method.name}",
+                   disable=not (train.progress_bar and acc.is_main_process))
+        with _StopRequest() as stop:
+            while self.step < train.max_steps:
+                terms = self._optimizer_step(batches, accumulation)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                self._log(terms)
+                if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+                    self.save_checkpoint()
+                if cfg.validation.prompts and cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
+                if self._stop_requested(stop):
+                    path = self.save_checkpoint()
+                    bar.close()
+                    acc.end_training()
+                    logger.warning("stopped at step %d; checkpoint %s; rerun with train.resume=auto to continue",
+                                   self.step, path)
+                    raise TrainingStopped(128 + stop.signum)
+        bar.close()
+        if train.checkpoint_every:
+            self.save_checkpoint()
+        if cfg.validation.prompts and not (cfg.validation.every and self.step % cfg.validation.every == 0):
+            self.validate()
+        self.export()
+        acc.end_training()
+        return self.output_dir
+
+    def _optimizer_step(self, batches, accumulation: int) -> dict:
+        acc, train = self.accelerator, self.config.train
+        totals: dict[str, float] = {}
+        for micro in range(accumulation):
+            batch = next(batches)
+            # global RNG (dropout) is a function of (seed, micro-step, rank) alone: resumable
+            torch.manual_seed(train.seed * 1_000_003 + (self.step * accumulation + micro) * 1009 + acc.process_index)
+            with acc.accumulate(*self.modules):
+                with acc.autocast():
+                    terms = self.method.loss(batch, self.models)
+                loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+                self._check_finite(loss, terms)
+                acc.backward(loss)
+                if acc.sync_gradients and train.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in {**terms, "loss": loss}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / accumulation
+        if not acc.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.method.after_optimizer_step()
+        if self.ema is not None:
+            self.ema.step(self.params)
+        totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return totals
+
+    def _check_finite(self, loss: torch.Tensor, terms: dict) -> None:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.to(self.accelerator.device), reduction="min")
+        if finite.item() < 1:
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise TrainingDiverged(
+                f"loss is not finite at step {self.step + 1} ({values}); stopped without exporting weights. "
+                f"Lower train.learning_rate, use mixed_precision=bf16 or no, or resume from a checkpoint in "
+                f"{self.checkpoint_root}.")
+
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        if self.accelerator.num_processes == 1:
+            return bool(stop.signum)
+        flag = torch.tensor(float(stop.signum), device=self.accelerator.device)
+        stop.signum = int(self.accelerator.reduce(flag, reduction="max").item())
+        return bool(stop.signum)
+
+    def _log(self, terms: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.history.append({"step": self.step, **terms})
+        if self.accelerator.log_with and (self.step % self.config.train.log_every == 0 or self.step == 1):
+            self.accelerator.log({f"train/{k}": v for k, v in terms.items()}, step=self.step)
+
+    # ---------------------------------------------------------------------------------------------
+    def inference_models(self, reload_frozen: bool = False):
+        """The model bundle with unwrapped modules; frozen modules reloaded in fp32 if asked."""
+        models = dataclasses.replace(self.models, unet=_unwrap(self.models.unet),
+                                     text_encoders=[_unwrap(e) for e in self.models.text_encoders])
+        if reload_frozen and self.weight_dtype != torch.float32:
+            fresh = load_models(self.config.model)
+            trained = {id(_unwrap(m)) for m in self.method.trainable_modules().values()}
+            models.vae = fresh.vae
+            models.text_encoders = [e if id(e) in trained else f.to(e.device)
+                                    for e, f in zip(models.text_encoders, fresh.text_encoders)]
+        return models
+
+    def validate(self) -> Path | None:
+        from personalize.generate import image_grid, render
+
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return None
+        v = self.config.validation
+        with self.accelerator.autocast():
+            images = render(self.inference_models(), self.method.prompts(v.prompts), v.num_images_per_prompt,
+                            v.num_inference_steps, v.guidance_scale, v.seed, self.config.data.resolution,
+                            negative_prompt=v.negative_prompt, device=self.accelerator.device)
+        grid = image_grid(images, rows=len(v.prompts))
+        path = self.output_dir / "validation" / f"step-{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(grid), self.step, dataformats="HWC")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def export(self) -> list[Path]:
+        """Write the method's output files into output_dir (through a temporary folder)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return []
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        models = self.inference_models(reload_frozen=True)
+        tmp = self.output_dir / ".export-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.method.export(models, tmp)
+        written = []
+        for item in sorted(tmp.iterdir()):
+            target = self.output_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+            written.append(target)
+        tmp.rmdir()
+        summary = {"method": self.method.name, "steps": self.step, "files": [p.name for p in written],
+                   "final_loss": self.history[-1]["loss"] if self.history else None}
+        (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("exported %s to %s", ", ".join(p.name for p in written), self.output_dir)
+        return written
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def train(config: Config) -> Path:
+    return Trainer(config).train()
+
+
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "train"]
