@@ -216,7 +216,8 @@ def test_cmyk_jpeg(tmp_path):
 
 
 def test_16_bit_grayscale_png(tmp_path):
-    image = Image.fromarray(np.array([[65535, 0, 32896]], dtype=np.uint16), mode="I;16")
+    image = Image.fromarray(np.array([[65535, 0, 32896]], dtype=np.uint16))
+    assert image.mode == "I;16"
     path = tmp_path / "gray16.png"
     image.save(path)
     assert Image.open(path).mode.startswith("I")
@@ -226,8 +227,22 @@ def test_16_bit_grayscale_png(tmp_path):
     assert (pixels[..., 0] == pixels[..., 2]).all()
 
 
+def test_16_bit_big_endian_tiff(tmp_path):
+    image = Image.fromarray(np.array([[65535, 0, 257]], dtype=">u2"))
+    assert image.mode == "I;16B"
+    pixels = load_pixels(image, tmp_path / "gray16b.tif")
+    assert pixels[0, :, 0].tolist() == [255, 0, 1]
+
+
+def test_32_bit_int_scaled_by_own_range(tmp_path):
+    image = Image.fromarray(np.array([[5, 10, 20]], dtype=np.int32))
+    assert image.mode == "I"
+    pixels = load_pixels(image, tmp_path / "int32.tif")
+    assert pixels[0, :, 0].tolist() == [0, 85, 255]
+
+
 def test_32_bit_float_scaled_by_own_range(tmp_path):
-    image = Image.fromarray(np.array([[-1.0, 0.0, 1.0]], dtype=np.float32), mode="F")
+    image = Image.fromarray(np.array([[-1.0, 0.0, 1.0]], dtype=np.float32))
     pixels = load_pixels(image, tmp_path / "float.tif")
     assert pixels[0, :, 0].tolist() == [0, 128, 255]
 

@@ -72,7 +72,7 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
         low, high = float(array.min()), float(array.max())
     if high > low:
         array = (array - low) / (high - low) * 255.0
-    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
