@@ -76,6 +76,7 @@ class Trainer:
     def setup(self) -> None:
         cfg, train, method = self.config, self.config.train, self.method
         log_with = None if train.report_to == "none" else train.report_to
+        _fresh_accelerator_state()
         self.accelerator = acc = Accelerator(
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps,
             log_with=log_with,
@@ -92,10 +93,12 @@ class Trainer:
         self.dataset = method.dataset()
 
         self.weight_dtype = DTYPES[train.mixed_precision]
+        full_precision = {id(m) for m in method.full_precision_modules()}
         for module in [models.vae, *models.text_encoders, models.unet]:
             module.to(acc.device)
             for p in module.parameters():  # trainable weights stay fp32: no "unscale FP16 gradients"
-                p.data = p.data.to(torch.float32 if p.requires_grad else self.weight_dtype)
+                keep = p.requires_grad or id(module) in full_precision
+                p.data = p.data.to(torch.float32 if keep else self.weight_dtype)
         if train.gradient_checkpointing:
             method.gradient_checkpointing()
         if cfg.data.cache:
@@ -196,7 +199,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def train(self) -> Path:
         """Run to ``train.max_steps`` (resuming if asked) and export; return the output folder."""
-        self.setup()
+        if not hasattr(self, "accelerator"):
+            self.setup()
         cfg, train, acc = self.config, self.config.train, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +275,7 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite.to(self.accelerator.device), reduction="min")
         if finite.item() < 1:
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise TrainingDiverged(
                 f"loss is not finite at step {self.step + 1} ({values}); stopped without exporting weights. "
                 f"Lower train.learning_rate, use mixed_precision=bf16 or no, or resume from a checkpoint in "
@@ -352,6 +356,15 @@ class Trainer:
         (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("exported %s to %s", ", ".join(p.name for p in written), self.output_dir)
         return written
+
+
+def _fresh_accelerator_state() -> None:
+    """Accelerate keeps precision and accumulation in process-wide singletons; a second Trainer in the
+    same process (the demo, the tests) must be able to choose its own. The process group stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

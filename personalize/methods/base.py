@@ -54,6 +54,10 @@ class Method:
         params = [p for m in self.trainable_modules().values() for p in m.parameters() if p.requires_grad]
         return [{"params": params}]
 
+    def full_precision_modules(self) -> list[nn.Module]:
+        """Modules kept entirely in fp32 under mixed precision (frozen weights of others are cast)."""
+        return []
+
     def gradient_checkpointing(self) -> None:
         models = self.models
         models.unet.enable_gradient_checkpointing()

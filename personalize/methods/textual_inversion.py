@@ -83,6 +83,9 @@ class TextualInversion(Method):
     def trainable_modules(self):
         return {"text_encoder": self.models.text_encoder}
 
+    def full_precision_modules(self):
+        return [self.models.text_encoder]  # its fp32 embedding rows feed layers that must match them
+
     def trainable_parameters(self):
         return [{"params": [self.embedding_weight]}]
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny in-process training runs on the built-in random models (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.chdir(ROOT)  # recipes name data relative to the repository root
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QUIET = ["train.progress_bar=false", "train.report_to=none"]
+
+
+def make_config(recipe: str, tmp_path: Path, *overrides: str):
+    from personalize.cli import resolve_recipe
+    from personalize.config import load_config
+
+    return load_config(resolve_recipe(recipe), [f"train.output_dir={tmp_path / 'run'}", *QUIET, *overrides])
+
+
+def run_training(recipe: str, tmp_path: Path, *overrides: str):
+    """Train ``recipe`` (a shipped name like 'tiny/lora') to the end; return the finished Trainer."""
+    from personalize.trainer import Trainer
+
+    trainer = Trainer(make_config(recipe, tmp_path, *overrides))
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture
+def train_run():
+    return run_training

@@ -1,0 +1,118 @@
+"""After a few optimizer steps exactly the parameters a method trains have changed."""
+
+import pytest
+import torch
+
+from conftest import make_config
+from personalize.methods.base import _unwrap
+from personalize.trainer import Trainer
+
+STEPS = ["train.max_steps=3", "train.checkpoint_every=0", "validation.prompts=[]"]
+
+
+def snapshot(models) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, module in [("unet", models.unet), ("vae", models.vae),
+                           *[(f"text_encoder{i}", e) for i, e in enumerate(models.text_encoders)]]:
+        for name, p in _unwrap(module).named_parameters():
+            out[f"{prefix}.{name}"] = p.detach().clone()
+    return out
+
+
+def train_and_diff(recipe, tmp_path, *overrides):
+    trainer = Trainer(make_config(recipe, tmp_path, *STEPS, *overrides))
+    trainer.setup()
+    before = snapshot(trainer.models)
+    trainer.train()
+    after = snapshot(trainer.models)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return trainer, before, after, changed
+
+
+def test_lora_changes_only_adapter_weights(tmp_path):
+    trainer, before, _, changed = train_and_diff("tiny/lora", tmp_path)
+    lora = {k for k in before if ".lora_" in k}
+    assert lora and all(k.startswith("unet.") for k in lora)
+    assert changed == lora  # every adapter weight moved, no base weight did
+    n_trainable = sum(p.numel() for p in trainer.params)
+    assert n_trainable == sum(before[k].numel() for k in lora)
+
+
+def test_lora_with_text_encoder(tmp_path):
+    _, before, _, changed = train_and_diff("tiny/lora", tmp_path, "lora.train_text_encoder=true")
+    lora = {k for k in before if ".lora_" in k}
+    assert any(k.startswith("text_encoder0.") for k in lora)
+    assert changed == lora
+
+
+def test_dreambooth_changes_unet_only(tmp_path):
+    _, before, _, changed = train_and_diff("tiny/dreambooth", tmp_path,
+                                           f"prior.class_images={tmp_path / 'class'}", "prior.num_class_images=2")
+    unet = {k for k in before if k.startswith("unet.")}
+    assert changed == unet
+
+
+def test_dreambooth_with_text_encoder(tmp_path):
+    _, before, _, changed = train_and_diff("tiny/dreambooth", tmp_path, "prior.enabled=false",
+                                           "dreambooth.train_text_encoder=true")
+    expected = {k for k in before if k.startswith(("unet.", "text_encoder0."))}
+    assert changed == expected
+    assert not any(k.startswith("vae.") for k in changed)
+
+
+def test_textual_inversion_changes_only_new_rows(tmp_path):
+    trainer, before, after, changed = train_and_diff("tiny/textual-inversion", tmp_path)
+    key = "text_encoder0.embeddings.token_embedding.weight"
+    assert changed == {key}
+    ids = trainer.method.token_ids
+    assert len(ids) == 2  # num_vectors: 2
+    old, new = before[key], after[key]
+    others = torch.ones(old.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(old[others], new[others])  # every other row bitwise unchanged
+    assert all(not torch.equal(old[i], new[i]) for i in ids)
+
+
+def test_text2image_trains_unet_and_text_encoder(tmp_path):
+    _, before, _, changed = train_and_diff("tiny/text2image", tmp_path)
+    assert changed == {k for k in before if k.startswith(("unet.", "text_encoder0."))}
+
+
+def test_bf16_keeps_trainable_weights_fp32(tmp_path):
+    trainer, before, after, changed = train_and_diff("tiny/textual-inversion", tmp_path, "train.mixed_precision=bf16")
+    models = trainer.models
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert models.vae.dtype == torch.bfloat16
+    assert _unwrap(models.unet).dtype == torch.bfloat16
+    assert _unwrap(models.text_encoder).dtype == torch.float32  # kept whole: its embedding trains
+    key = "text_encoder0.embeddings.token_embedding.weight"
+    assert changed == {key}
+
+
+def test_lora_bf16_8bit_adam_checkpointing_snr_offset_ema(tmp_path):
+    trainer, before, _, changed = train_and_diff(
+        "tiny/lora", tmp_path, "train.mixed_precision=bf16", "train.optimizer=adamw8bit",
+        "train.gradient_checkpointing=true", "train.snr_gamma=5.0", "train.noise_offset=0.05", "train.ema=true",
+        "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine", "train.lr_warmup_steps=1",
+        "lora.alpha=8", "lora.dropout=0.1")
+    assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert changed == {k for k in before if ".lora_" in k}
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+
+
+def test_nan_loss_stops_without_export(tmp_path, monkeypatch):
+    from personalize.methods.lora import LoRA
+    from personalize.trainer import TrainingDiverged
+
+    original = LoRA.loss
+
+    def poisoned(self, batch, models):
+        terms = original(self, batch, models)
+        return {"diffusion_loss": terms["diffusion_loss"] * float("nan")}
+
+    monkeypatch.setattr(LoRA, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="not finite at step 1"):
+        Trainer(make_config("tiny/lora", tmp_path, *STEPS)).train()
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
