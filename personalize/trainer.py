@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -79,10 +80,15 @@ class Trainer:
         _fresh_accelerator_state()
         self.accelerator = acc = Accelerator(
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps,
-            log_with=log_with,
+            log_with=log_with, cpu=_multi_process_without_accelerator(),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if acc.num_processes != world:  # each rank would train alone and all would write the same files
+            raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a group of "
+                               f"{acc.num_processes} ({acc.distributed_type}); check the launcher's settings")
         self.models = models = load_models(cfg.model)
+        set_seed(train.seed)  # what a method draws in setup (LoRA init) follows train.seed, not the RNG's history
         method.setup(models)
         if method.needs_class_images():
             if acc.is_main_process:
@@ -365,6 +371,18 @@ def _fresh_accelerator_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def _multi_process_without_accelerator() -> bool:
+    """torchrun (or mpirun) with several processes on a machine without GPU/XPU/...: accelerate joins
+    them into a gloo process group only when told ``cpu=True`` (``accelerate launch --cpu`` says so
+    through ACCELERATE_USE_CPU); without it every rank silently trains alone."""
+    world = max(int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if world <= 1:
+        return False
+    if hasattr(torch, "accelerator"):
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
