@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from personalize import checkpointing
-from personalize.config import Config
+from personalize.config import Config, ConfigError
 from personalize.data.cache import TextCache, cache_latents
 from personalize.data.class_images import ensure_class_images
 from personalize.data.datasets import PriorPairDataset, StepBatchSampler, collate
@@ -87,6 +87,9 @@ class Trainer:
         if acc.num_processes != world:  # each rank would train alone and all would write the same files
             raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a group of "
                                f"{acc.num_processes} ({acc.distributed_type}); check the launcher's settings")
+        if train.mixed_precision == "fp16" and not acc.native_amp:
+            raise ConfigError(f"train.mixed_precision: fp16 needs a CUDA/XPU/MPS device, this run is on "
+                              f"{acc.device}; use bf16 (fast on recent CPUs) or no")
         self.models = models = load_models(cfg.model)
         set_seed(train.seed)  # what a method draws in setup (LoRA init) follows train.seed, not the RNG's history
         method.setup(models)

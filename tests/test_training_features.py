@@ -108,6 +108,7 @@ def test_cli_errors_are_clear_not_tracebacks(tmp_path):
         (["train", "tiny/lora", f"data.instance_images={tmp_path / 'nothing'}"], "does not exist"),
         (["train", "tiny/lora", "model.base=someorg/some-model"], "not on this machine"),
         (["train", "tiny/lora", "model.base=./missing/model.ckpt"], "does not exist"),
+        (["train", "tiny/lora", "train.mixed_precision=fp16"], "fp16 needs a CUDA"),
     ]
     for args, message in cases:
         result = _cli(*args)
