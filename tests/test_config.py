@@ -90,3 +90,27 @@ def test_config_round_trips_through_dict():
     config = load_config(cfg(), ["lora.rank=8"])
     again = load_config(config.to_dict())
     assert again.to_dict() == config.to_dict()
+
+
+def test_method_registry_is_checked():
+    from dataclasses import dataclass
+
+    from personalize.methods import get_method_class, method_names, register_method
+    from personalize.methods.lora import LoRA
+
+    assert method_names() == ["dreambooth", "lora", "text2image", "textual_inversion"]
+    assert get_method_class("lora") is LoRA
+    with pytest.raises(KeyError, match="did you mean 'lora'"):
+        get_method_class("lora2")
+
+    @dataclass
+    class Options:
+        pass
+
+    clash = type("Clash", (LoRA,), {"name": "lora", "config_cls": Options})
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(clash)
+    with pytest.raises(ValueError, match="must be an identifier"):
+        register_method(type("Bad", (LoRA,), {"name": "my-method", "config_cls": Options}))
+    with pytest.raises(ValueError, match="config_cls must be a dataclass"):
+        register_method(type("NoCfg", (LoRA,), {"name": "nocfg", "config_cls": dict}))

@@ -7,6 +7,7 @@ A method decides *what* trains (``setup``, ``trainable_modules``, ``trainable_pa
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from personalize.data.class_images import existing_class_images
 from personalize.data.datasets import ImageDataset, PriorPairDataset, folder_examples, instance_examples, validated
 
 
-class Method:
+class Method(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type]
     supports_prior_preservation: ClassVar[bool] = False
@@ -45,9 +46,9 @@ class Method:
         for module in [models.unet, models.vae, *models.text_encoders]:
             module.requires_grad_(False)
 
+    @abstractmethod
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules that hold trainable parameters (the trainer wraps them for distributed training)."""
-        raise NotImplementedError
 
     def trainable_parameters(self) -> list[dict]:
         """Optimizer parameter groups; by default every parameter with requires_grad, one group."""
@@ -151,9 +152,9 @@ class Method:
         """Hook run after every optimizer step (Textual Inversion restores frozen embedding rows)."""
 
     # -- output ---------------------------------------------------------------------------------
+    @abstractmethod
     def export(self, models, out_dir: Path) -> list[Path]:
         """Write files stock diffusers can load; return their paths."""
-        raise NotImplementedError
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

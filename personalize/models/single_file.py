@@ -88,6 +88,8 @@ def ldm_unet_key_map(keys: Iterable[str]) -> dict[str, str]:
 
     def resnet(prefix: str, rest: str) -> str:
         name, _, tail = rest.partition(".")
+        if name not in _UNET_RESNET:
+            raise ValueError(f"U-Net resnet parameter {rest!r} has no place in the original SD layout")
         return f"{prefix}.{_UNET_RESNET[name]}.{tail}"
 
     mapping = {}
@@ -117,8 +119,6 @@ def ldm_unet_key_map(keys: Iterable[str]) -> dict[str, str]:
         else:
             raise ValueError(f"U-Net key {key!r} has no place in the original SD layout "
                              "(merge adapters into the weights before exporting a single file)")
-        if "resnets" in key and key.split(".")[-2] not in _UNET_RESNET:
-            raise ValueError(f"U-Net key {key!r}: unknown resnet parameter")
     return mapping
 
 
@@ -214,6 +214,10 @@ def ldm_state_dict(models) -> dict[str, torch.Tensor]:
     else:
         out.update({SD1_CLIP_PREFIX + k: v for k, v in _hf_clip(encoders[0]).items()})
     out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
+    adapters = [k for k in out if ".lora_" in k or ".base_layer." in k]
+    if adapters:
+        raise ValueError(f"{adapters[0]!r} belongs to an unmerged adapter; merge it into the weights "
+                         "(e.g. peft's merge_and_unload) before exporting a single file")
     if models.noise_scheduler.config.get("prediction_type") == "v_prediction":
         out["v_pred"] = torch.tensor([])
     return out
@@ -237,8 +241,6 @@ def save_single_file(models, path: str | Path, dtype: torch.dtype | None = None)
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         tensors[key] = value.contiguous()
-    metadata = {"format": "pt", "modelspec.prediction_type":
-                str(models.noise_scheduler.config.get("prediction_type", "epsilon"))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={"format": "pt"})
     return path
