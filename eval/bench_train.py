@@ -48,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per configuration (default: tiny 20, sd15 2 on cpu; 20/10 on cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per configuration")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="passes over the configurations; each row keeps its fastest pass "
+                        "(default: 2 on cpu, 1 with --quick or on cuda)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="train.mixed_precision (default: no on cpu, bf16 on cuda)")
     p.add_argument("--overhead-base", choices=["tiny-sd", "sd15"], default="tiny-sd",
                    help="model of the overhead comparison (default: tiny-sd)")
     p.add_argument("--overhead-rounds", type=int, default=None, help="interleaved rounds of the overhead comparison")
     p.add_argument("--overhead-window", type=int, default=None, help="steps per timing window of the overhead comparison")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per configuration (default: torch's own, the usable cores); "
+                        "1 gives steadier numbers on a machine other jobs share")
     p.add_argument("--model-dir", default=None,
                    help="keep the random SD-sized pipelines here and reuse them on the next run (default: temporary)")
     p.add_argument("--work-dir", default=None, help="folder for temporary runs (default: a fresh temporary folder)")
@@ -65,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(
         device=args.device, only=args.only, quick=args.quick, methods=args.methods, variations=args.variations,
         tiny_resolution=args.tiny_resolution, resolution=args.resolution, steps=args.steps, warmup=args.warmup,
+        repeats=args.repeats,
         mixed_precision=args.mixed_precision, overhead_rounds=args.overhead_rounds,
         overhead_window=args.overhead_window, overhead_base=args.overhead_base, work_dir=args.work_dir,
-        model_dir=args.model_dir, isolate=not args.in_process, output=args.output or None, command=command)
+        model_dir=args.model_dir, threads=args.threads, isolate=not args.in_process, output=args.output or None,
+        command=command)
     report = run_benchmark(settings, log=lambda m: print(m, flush=True))
     from personalize.bench import render_markdown
 

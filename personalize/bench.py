@@ -57,16 +57,21 @@ class BenchSettings:
     resolution: Optional[int] = None         # SD-sized models; default 64 on CPU, 512 (sd15) / 1024 (sdxl) on CUDA
     steps: Optional[int] = None              # timed steps per configuration (default per part)
     warmup: Optional[int] = None             # warm-up steps per configuration, excluded from timing
+    repeats: Optional[int] = None            # passes over the configurations of A and B (default 2 on CPU, else 1)
     mixed_precision: Optional[str] = None    # default: no on CPU, bf16 on CUDA
     overhead_rounds: Optional[int] = None    # interleaved timing rounds of part C
     overhead_window: Optional[int] = None    # steps per timing window of part C
     overhead_base: str = "tiny-sd"           # model of part C: tiny-sd or sd15
     work_dir: Optional[str] = None           # temporary runs and models (default: a fresh temp folder)
     model_dir: Optional[str] = None          # keep / reuse the random SD-sized pipelines here
+    threads: Optional[int] = None            # torch CPU threads per worker (default: torch's, = usable cores)
     isolate: bool = True                     # one fresh subprocess per configuration (needed for memory)
     case_timeout: int = 1800
     output: Optional[str] = "docs/benchmarks.md"
     command: str = ""
+
+    def passes(self) -> int:
+        return self.repeats if self.repeats is not None else (1 if self.quick or self.cuda else 2)
 
     def parts(self) -> list[str]:
         if self.only:
@@ -80,13 +85,16 @@ class BenchSettings:
     def precision(self) -> str:
         return self.mixed_precision or ("bf16" if self.cuda else "no")
 
+    def _or(self, warmup: int, steps: int) -> tuple[int, int]:
+        return (warmup if self.warmup is None else self.warmup), (steps if self.steps is None else self.steps)
+
     def tiny_steps(self) -> tuple[int, int]:
-        return (self.warmup or (2 if self.quick else 3)), (self.steps or (8 if self.quick else 20))
+        return self._or(2 if self.quick else 3, 8 if self.quick else 20)
 
     def sd_steps(self, model: str) -> tuple[int, int]:
         if self.cuda:
-            return (self.warmup or 3), (self.steps or (5 if self.quick else (20 if model == "sd15" else 10)))
-        return (self.warmup or 1), (self.steps or (1 if self.quick else 2))
+            return self._or(3, 5 if self.quick else (20 if model == "sd15" else 10))
+        return self._or(1, 1 if self.quick else 2)
 
     def sd_resolution(self, model: str) -> int:
         if self.resolution:
@@ -96,8 +104,8 @@ class BenchSettings:
     def overhead_plan(self) -> tuple[int, int, int]:
         """(warm-up steps, rounds, steps per window)."""
         sd = self.overhead_base != "tiny-sd"
-        rounds = self.overhead_rounds or (3 if self.quick or (sd and not self.cuda) else 7)
-        window = self.overhead_window or (1 if sd and not self.cuda else (5 if self.quick else 10))
+        rounds = self.overhead_rounds or (3 if sd and not self.cuda else (12 if self.quick else 40))
+        window = self.overhead_window or 1
         return (1 if sd and not self.cuda else 3), rounds, window
 
 
@@ -229,38 +237,47 @@ def measure_case(spec: dict) -> dict:
     _sync(spec["device"])
     setup_s = time.perf_counter() - t0
     rss_setup = _rss_mib()
-    fresh_peak = _reset_peak_rss()
-    gpu_setup = None
-    if cuda:
-        gpu_setup = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
+    gpu_setup = torch.cuda.memory_allocated() / 2**20 if cuda else None
     stamps: list[float] = []
     memory: dict = {}
+
+    def rest() -> None:  # resting memory after warm-up; the peaks from here on are the timed steps'
+        memory["fresh_peak"] = fresh = _reset_peak_rss()
+        memory["rss_rest_mib"] = _status_mib("VmHWM") if fresh else _rss_mib()  # the reset mark itself
+        if cuda:
+            memory["gpu_rest_mib"] = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+
     log = trainer._log
 
     def timed_log(terms: dict) -> None:
         _sync(spec["device"])
         stamps.append(time.perf_counter())
-        if len(stamps) == total:  # the peak of the training steps, before export
-            memory["train_peak_rss_mib"] = _status_mib("VmHWM") if fresh_peak else _maxrss_mib()
+        if len(stamps) == warmup:
+            rest()
+        if len(stamps) == total:  # the peak of the timed steps, before export
+            memory["step_peak_rss_mib"] = _status_mib("VmHWM") if memory["fresh_peak"] else _maxrss_mib()
             memory["peak_rss_mib"] = _maxrss_mib()
             if cuda:
                 memory["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         log(terms)
 
+    if warmup == 0:
+        rest()
     trainer._log = timed_log
     trainer.setup = lambda: None  # done above, outside the timing
     trainer.train()
     timed = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])] if warmup else \
         [b - a for a, b in zip(stamps, stamps[1:])]
     elapsed = sum(timed)
+    median = statistics.median(timed)
     result = dict(spec, steps_per_s=len(timed) / elapsed, ms_per_step=1000 * elapsed / len(timed),
-                  step_ms=[1000 * t for t in timed], setup_s=setup_s, rss_start_mib=rss_start,
-                  rss_setup_mib=rss_setup, gpu_setup_mib=gpu_setup, fresh_peak=fresh_peak,
+                  median_ms=1000 * median, step_ms=[1000 * t for t in timed], setup_s=setup_s,
+                  rss_start_mib=rss_start, rss_setup_mib=rss_setup, gpu_setup_mib=gpu_setup,
                   images_per_step=_images_per_step(trainer),
                   trainable_params=sum(p.numel() for p in trainer.params),
                   final_loss=trainer.history[-1]["loss"], torch_threads=torch.get_num_threads(), **memory)
-    result["train_delta_mib"] = result["train_peak_rss_mib"] - rss_setup
+    result["step_delta_mib"] = result["step_peak_rss_mib"] - result["rss_rest_mib"]
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
@@ -288,8 +305,26 @@ class BareLoop:
         self.optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                                            weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
         self.generator = torch.Generator(device=device).manual_seed(0)
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+        self.autocast_dtype = dtypes.get(train.mixed_precision)  # as the trainer: frozen weights in it, autocast
 
     def step(self, batch: dict) -> float:
+        import contextlib
+
+        import torch
+
+        autocast = (contextlib.nullcontext() if self.autocast_dtype is None else
+                    torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype))
+        with autocast:
+            loss = self.loss(batch)
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def loss(self, batch: dict):
         import torch
         import torch.nn.functional as F
 
@@ -305,13 +340,102 @@ class BareLoop:
                                   generator=self.generator, device=self.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.unet(noisy, timesteps, context).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return F.mse_loss(prediction.float(), noise.float())
+
+
+def _extras_breakdown(trainer, batch: dict, reps: int = 200) -> dict[str, float]:
+    """Microseconds per step of what the trainer does beyond the bare loop, each timed in isolation
+    (steady under machine load, unlike whole steps): the per-step calls of ``_optimizer_step``,
+    ``Method.loss`` and the loop body that a bare loop does not make, net of what the bare loop does
+    in their place."""
+    import torch
+
+    from personalize import losses
+
+    acc, train, params, device = trainer.accelerator, trainer.config.train, trainer.params, trainer.accelerator.device
+    seeds, timesteps = batch["sample_seeds"], trainer.models.noise_scheduler.config.num_train_timesteps
+    side = batch["pixel_values"].shape[-1] // 8
+    shape = (4, side, side)
+    generator = torch.Generator(device=device).manual_seed(0)
+    loss = torch.tensor(0.5, device=device)
+    terms = {"diffusion_loss": loss}
+
+    def regrad():  # stand-in gradients, as backward would leave them
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def per_sample_rng():
+        latents = losses.per_sample_randn(seeds, shape, stream=0, device=device)
+        losses.sample_noise(seeds, latents)
+        losses.sample_timesteps(seeds, timesteps, device)
+
+    def plain_rng():
+        torch.randn((len(seeds), *shape), generator=generator, device=device)
+        torch.randn((len(seeds), *shape), generator=generator, device=device)
+        torch.randint(0, timesteps, (len(seeds),), generator=generator, device=device)
+
+    def contexts():
+        with acc.accumulate(*trainer.modules), acc.autocast():
+            pass
+
+    def bookkeeping():
+        totals = {k: float(v.detach()) for k, v in {**terms, "loss": loss}.items()}
+        trainer.lr_scheduler.step()
+        totals["lr"] = trainer.lr_scheduler.get_last_lr()[0]
+        trainer.method.after_optimizer_step()
+        trainer._log(totals)
+
+    # the wrappers' own cost, on a one-number parameter (the optimizer math would drown it in noise)
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe_raw = torch.optim.SGD([probe], lr=0.0)
+    probe_wrapped = AcceleratedOptimizer(torch.optim.SGD([probe], lr=0.0), device_placement=False)
+
+    def probe_step(optimizer):
+        def run():
+            probe.grad = torch.zeros_like(probe)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    items = {
+        "`torch.manual_seed` per micro-step (dropout RNG)": (lambda: torch.manual_seed(1234), None),
+        "`accumulate()` + `autocast()` contexts": (contexts, None),
+        "per-sample seeded latents/noise/timesteps (vs one generator)": (per_sample_rng, plain_rng),
+        "`vae.device` + `vae.dtype` in `Models.encode_images` (diffusers walks the submodules)": (
+            lambda: (trainer.models.vae.device, trainer.models.vae.dtype), None),
+        "NaN guard (`isfinite` + `.item()`)": (lambda: trainer._check_finite(loss, terms), None),
+        "loss terms to floats, LR schedule, hooks, history": (bookkeeping, None),
+        "accelerate `clip_grad_norm_` (vs torch's)": (
+            lambda: acc.clip_grad_norm_(params, train.max_grad_norm or 1.0),
+            lambda: torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm or 1.0)),
+        "`AcceleratedOptimizer` step + zero_grad wrapper (vs calling the optimizer)": (
+            probe_step(probe_wrapped), probe_step(probe_raw)),
+    }
+    regrad()
+    history, step = len(trainer.history), trainer.step
+    out = {}
+    for name, (extra, baseline) in items.items():
+        out[name] = _time_us(extra, reps) - (_time_us(baseline, reps) if baseline else 0.0)
+    del trainer.history[history:]
+    trainer.step = step
+    for p in params:
+        p.grad = None
+    return out
+
+
+def _time_us(fn, reps: int) -> float:
+    for _ in range(max(3, reps // 10)):
+        fn()
+    best = float("inf")
+    for _ in range(3):  # best of three batches: the least disturbed by other processes
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 1e6 * best
 
 
 def measure_overhead(spec: dict) -> dict:
@@ -337,6 +461,7 @@ def measure_overhead(spec: dict) -> dict:
     loader = iter(DataLoader(trainer.dataset, batch_sampler=StepBatchSampler(
         len(trainer.dataset), trainer.config.train.batch_size, trainer.config.train.seed), collate_fn=collate))
     bare = BareLoop(trainer.models, trainer.params, trainer.config.train, acc.device)
+    bare_again = BareLoop(trainer.models, trainer.params, trainer.config.train, acc.device)  # the noise floor
 
     def trainer_step(batches):
         def run():  # the body of Trainer.train()'s loop, progress bar off
@@ -346,7 +471,7 @@ def measure_overhead(spec: dict) -> dict:
         return run
 
     loops = {"bare": lambda: bare.step(batch), "trainer": trainer_step(same_batch),
-             "trainer_dataloader": trainer_step(loader)}
+             "trainer_dataloader": trainer_step(loader), "bare_again": lambda: bare_again.step(batch)}
     warmup, rounds, window = int(spec["warmup"]), int(spec["rounds"]), int(spec["window"])
     for run in loops.values():
         for _ in range(warmup):
@@ -364,13 +489,15 @@ def measure_overhead(spec: dict) -> dict:
                 run()
             _sync(device)
             times[name].append(1000 * (time.perf_counter() - t0) / window)
-    ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"])]
-    ratios_dl = [t / b - 1 for t, b in zip(times["trainer_dataloader"], times["bare"])]
+    def paired(name: str) -> float:  # median over rounds of (loop / bare - 1), in percent
+        return 100 * statistics.median(t / b - 1 for t, b in zip(times[name], times["bare"]))
+
     median = {name: statistics.median(v) for name, v in times.items()}
-    return dict(spec, round_ms=times, median_ms=median,
-                overhead_pct=100 * statistics.median(ratios),
+    extras = _extras_breakdown(trainer, batch)
+    return dict(spec, round_ms=times, median_ms=median, extras_us=extras,
+                overhead_pct=paired("trainer"), overhead_dataloader_pct=paired("trainer_dataloader"),
+                noise_floor_pct=paired("bare_again"),
                 overhead_of_medians_pct=100 * (median["trainer"] / median["bare"] - 1),
-                overhead_dataloader_pct=100 * statistics.median(ratios_dl),
                 images_per_step=_images_per_step(trainer), torch_threads=torch.get_num_threads())
 
 
@@ -440,7 +567,7 @@ def build_random_model(spec: dict) -> dict:
     else:
         pipe = StableDiffusionPipeline(**parts, tokenizer=build_clip_tokenizer(), scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     info = {"model": model, "params": counts, "build_s": time.perf_counter() - t0}
     marker.write_text(json.dumps(info))
     return dict(info, reused=False)
@@ -450,8 +577,16 @@ WORKERS: dict[str, Callable[[dict], dict]] = {"case": measure_case, "overhead": 
                                               "build": build_random_model}
 
 
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
+    _set_threads(spec.get("threads"))
     result = WORKERS[spec["kind"]](spec)
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
@@ -459,6 +594,7 @@ def worker_main(argv: list[str]) -> int:
 
 def run_worker(spec: dict, settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """Run ``spec`` in a fresh Python process (or in this one when ``settings.isolate`` is false)."""
+    spec = dict(spec, threads=settings.threads)
     if not settings.isolate:
         return WORKERS[spec["kind"]](spec)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
@@ -466,6 +602,8 @@ def run_worker(spec: dict, settings: BenchSettings, log: Callable[[str], None] =
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if spec["device"] != "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark stays on the CPU
+    if settings.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
     proc = subprocess.run([sys.executable, "-m", "personalize.bench", "--worker", json.dumps(spec)],
                           cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=settings.case_timeout)
     for line in reversed(proc.stdout.splitlines()):
@@ -488,6 +626,18 @@ class Report:
     wall_s: float = 0.0
 
 
+def merge_passes(results: list[dict]) -> dict:
+    """One row from several passes of a configuration: the timing of the fastest pass (the one least
+    disturbed by other processes), the highest memory peaks of all."""
+    best = dict(min(results, key=lambda r: r["median_ms"]))
+    best["pass_median_ms"] = [r["median_ms"] for r in results]
+    for key in ("peak_rss_mib", "step_delta_mib", "gpu_peak_mib"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        if values:
+            best[key] = max(values)
+    return best
+
+
 def environment(device: str) -> dict:
     import torch
 
@@ -498,12 +648,15 @@ def environment(device: str) -> dict:
         cpu, logical = (names[0] if names else cpu), len(names) or logical
     except OSError:
         pass
-    env = {"cpu": cpu, "cores": logical, "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical,
-           "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-           if hasattr(os, "sysconf") else None,
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):
+        memory = None
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = {"cpu": cpu, "cores": logical, "usable_cores": usable, "memory_gib": memory,
            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "device": device, "load_before": _loadavg()}
+           "torch_threads": torch.get_num_threads(), "date": now, "device": device, "load_before": _loadavg()}
     for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
         try:
             env[name] = __import__(name).__version__
@@ -530,7 +683,11 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -
 
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    if not settings.isolate:
+        _set_threads(settings.threads)
     report = Report(settings=dataclasses.asdict(settings), environment=environment(settings.device))
+    if settings.threads:
+        report.environment["torch_threads"] = settings.threads
     own_work = settings.work_dir is None
     work = Path(settings.work_dir or tempfile.mkdtemp(prefix="personalize-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -545,21 +702,28 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -
                                    "device": settings.device}, settings, log)
                 report.models[model] = info
                 log(f"  {'reused' if info['reused'] else 'built'} ({info['build_s']:.0f} s to build)")
-        for i, case in enumerate(cases, 1):
-            spec = dict(case, kind="case", work_dir=str(work))
-            if case["model"] in ("sd15", "sdxl"):
-                spec["base"] = str(model_root / case["model"])
-            log(f"[{i}/{len(cases)}] {case['label']} ...")
-            t0 = time.perf_counter()
-            try:
-                result = run_worker(spec, settings, log)
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
-                report.failures.append(f"{case['label']}: {err}")
-                log(f"  FAILED: {err}")
-                continue
-            report.cases.append(result)
-            log(f"  {result['steps_per_s']:.3g} steps/s, {result['ms_per_step']:.1f} ms/step, "
-                f"peak RSS {result['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s)")
+        passes = settings.passes()
+        runs: dict[str, list[dict]] = {}
+        total = len(cases) * passes
+        for n in range(passes):  # every pass runs every configuration; odd passes in reverse order
+            for case in (cases if n % 2 == 0 else cases[::-1]):
+                spec = dict(case, kind="case", work_dir=str(work))
+                if case["model"] in ("sd15", "sdxl"):
+                    spec["base"] = str(model_root / case["model"])
+                done = sum(len(v) for v in runs.values()) + sum(f.startswith(case["label"] + ":") for f in
+                                                                report.failures)
+                log(f"[{done + 1}/{total}] {case['label']}{f' (pass {n + 1})' if passes > 1 else ''} ...")
+                t0 = time.perf_counter()
+                try:
+                    result = run_worker(spec, settings, log)
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    report.failures.append(f"{case['label']}: {err}")
+                    log(f"  FAILED: {err}")
+                    continue
+                runs.setdefault(case["label"], []).append(result)
+                log(f"  {result['steps_per_s']:.3g} steps/s, median {result['median_ms']:.1f} ms/step, "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s)")
+        report.cases = [merge_passes(runs[c["label"]]) for c in cases if c["label"] in runs]
         if "overhead" in settings.parts():
             warmup, rounds, window = settings.overhead_plan()
             resolution = settings.tiny_resolution if settings.overhead_base == "tiny-sd" else settings.sd_resolution("sd15")
@@ -612,39 +776,39 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
 
 
 def _memory_columns(cuda: bool) -> list[str]:
-    cols = ["peak RSS (MiB)", "training peak − setup RSS (MiB)"]
-    return (["GPU peak (MiB)", "GPU after setup (MiB)"] + cols) if cuda else cols
+    cols = ["peak RSS (MiB)", "step peak over resting RSS (MiB)"]
+    return (["GPU peak (MiB)", "GPU resting (MiB)"] + cols) if cuda else cols
 
 
 def _memory_cells(r: dict, cuda: bool) -> list[str]:
-    cells = [_fmt(r.get("peak_rss_mib")), _fmt(r.get("train_delta_mib"))]
-    return ([_fmt(r.get("gpu_peak_mib")), _fmt(r.get("gpu_setup_mib"))] + cells) if cuda else cells
+    cells = [_fmt(r.get("peak_rss_mib")), _fmt(r.get("step_delta_mib"))]
+    return ([_fmt(r.get("gpu_peak_mib")), _fmt(r.get("gpu_rest_mib"))] + cells) if cuda else cells
 
 
 def tiny_table(cases: list[dict], cuda: bool = False) -> tuple[list[str], list[list]]:
-    header = ["method", "variation", "img/step", "steps/s", "ms/step", "× baseline", *_memory_columns(cuda),
+    header = ["method", "variation", "img/step", "steps/s", "median ms/step", "× baseline", *_memory_columns(cuda),
               "trainable params"]
     rows = []
     baselines = {c["method"]: c for c in cases if c["variation"] == "baseline"}
     for c in cases:
         base = baselines.get(c["method"])
-        speed = f"{c['steps_per_s'] / base['steps_per_s']:.2f}×" if base else "–"
+        speed = f"{base['median_ms'] / c['median_ms']:.2f}×" if base else "–"
         rows.append([c["method"], VARIATION_LABELS.get(c["variation"], c["variation"]), c["images_per_step"],
-                     _fmt(c["steps_per_s"]), _fmt(c["ms_per_step"]), speed, *_memory_cells(c, cuda),
+                     _fmt(c["steps_per_s"]), _fmt(c["median_ms"]), speed, *_memory_cells(c, cuda),
                      f"{c['trainable_params']:,}"])
     return header, rows
 
 
 def sd_table(cases: list[dict], cuda: bool = False) -> tuple[list[str], list[list]]:
-    header = ["model", "px", "optimizer / options", "cache", "img/step", "s/step", "steps/s", "cache speed-up",
+    header = ["model", "px", "optimizer / options", "cache", "img/step", "median s/step", "steps/s", "cache speed-up",
               *_memory_columns(cuda)]
     rows = []
     for c in cases:
         twin = next((o for o in cases if o["model"] == c["model"] and o["variation"] == c["variation"]
                      and o["resolution"] == c["resolution"] and not o["cache"]), None)
-        speed = f"{twin['ms_per_step'] / c['ms_per_step']:.2f}×" if c["cache"] and twin else "–"
+        speed = f"{twin['median_ms'] / c['median_ms']:.2f}×" if c["cache"] and twin else "–"
         rows.append([c["model"], c["resolution"], c["variation"], "on" if c["cache"] else "off", c["images_per_step"],
-                     f"{c['ms_per_step'] / 1000:.2f}", _fmt(c["steps_per_s"]), speed, *_memory_cells(c, cuda)])
+                     f"{c['median_ms'] / 1000:.2f}", _fmt(c["steps_per_s"]), speed, *_memory_cells(c, cuda)])
     return header, rows
 
 
@@ -655,7 +819,26 @@ def overhead_table(o: dict) -> tuple[list[str], list[list]]:
             ["Trainer (same batch)", f"{med['trainer']:.1f}", _fmt(1000 / med["trainer"]), f"{o['overhead_pct']:+.1f} %"],
             ["Trainer fed by its DataLoader (PNG decode + resize per step)", f"{med['trainer_dataloader']:.1f}",
              _fmt(1000 / med["trainer_dataloader"]), f"{o['overhead_dataloader_pct']:+.1f} %"]]
+    if "bare_again" in med:
+        rows.append(["bare PyTorch loop again, a second instance (noise floor)", f"{med['bare_again']:.1f}",
+                     _fmt(1000 / med["bare_again"]), f"{o['noise_floor_pct']:+.1f} %"])
     return header, rows
+
+
+def _passes_text(settings: dict) -> str:
+    n = settings.get("repeats") or (1 if settings["quick"] or settings["device"] == "cuda" else 2)
+    if n == 1:
+        return ""
+    return (f"; {n} passes over all configurations (every other one in reverse order), a row showing the "
+            f"timing of its fastest pass (the least disturbed by other processes) and the highest memory peaks")
+
+
+def _passes_details(cases: list[dict]) -> list[str]:
+    if not any(len(c.get("pass_median_ms", [])) > 1 for c in cases):
+        return []
+    lines = ["<details><summary>median ms/step of each pass</summary>", ""]
+    lines += [f"- {c['label']}: " + ", ".join(f"{t:.1f}" for t in c["pass_median_ms"]) for c in cases]
+    return lines + ["", "</details>", ""]
 
 
 def render_markdown(report: Report) -> str:
@@ -685,9 +868,12 @@ def render_markdown(report: Report) -> str:
                 f"Built-in `tiny-sd` (random weights, SD 1.x architecture at ~1 M U-Net parameters), "
                 f"{c0['resolution']} px, the shipped `recipes/tiny/*.yaml` recipes (batch as in the recipe; DreamBooth "
                 f"adds one class image per instance image), {c0['warmup']} warm-up steps then {c0['steps']} timed "
-                f"steps of `Trainer.train()` per row, each row in a fresh process. "
-                f"A baseline per method (no cache, no gradient checkpointing, torch AdamW) and one-factor variations.",
-                "", _table(*tiny_table(tiny, cuda)), ""]
+                f"steps of `Trainer.train()` per run, each run in a fresh process{_passes_text(s)}. "
+                f"A baseline per method (no cache, no gradient checkpointing, torch AdamW) and one-factor variations. "
+                f"`steps/s` is timed steps over their total time; `× baseline` compares median step times (steadier "
+                f"on a shared machine). Peak RSS is dominated by the imported libraries (~0.9 GiB): the tiny "
+                f"model itself is a few MiB.",
+                "", _table(*tiny_table(tiny, cuda)), "", *_passes_details(tiny)]
     for model in ("sd15", "sdxl"):
         rows = [c for c in report.cases if c["part"] == model]
         if not rows:
@@ -703,9 +889,12 @@ def render_markdown(report: Report) -> str:
                 f"weights, saved with `save_pretrained` to a folder and loaded by the trainer as `model.base` "
                 f"(building and saving it took {info.get('build_s', 0):.0f} s, not counted below). "
                 f"LoRA rank 16 on the U-Net attention, batch 1, {c0['resolution']} px, {c0['warmup']} warm-up "
-                f"step(s) then {c0['steps']} timed step(s) per row, each row in a fresh process. "
+                f"step(s) then {c0['steps']} timed step(s) per run, each run in a fresh process{_passes_text(s)}. "
                 f"`data.cache=true` encodes the images with the VAE and the prompts with the text encoder once, "
-                f"before training, so a step skips both.", "", _table(*sd_table(rows, cuda)), ""]
+                f"before training, so a step skips both. The text encoder's cost per step does not depend on the "
+                f"resolution while the U-Net's (and the VAE's) grows with the pixel count, so expect a smaller "
+                f"speed-up at 512 px than at a small resolution (`--resolution 512` measures it).",
+                "", _table(*sd_table(rows, cuda)), "", *_passes_details(rows)]
     if report.overhead:
         o = report.overhead
         out += ["## C. Trainer overhead over a bare PyTorch loop", "",
@@ -713,30 +902,44 @@ def render_markdown(report: Report) -> str:
                 f"on the same modules and the same collated batch. The bare loop "
                 f"(`personalize.bench.BareLoop`) does what a stand-alone diffusers script does: VAE encode + sample, "
                 f"tokenize + text encode, noise and timesteps, U-Net forward, MSE, backward, gradient clipping, "
-                f"torch AdamW step, `loss.item()`. The trainer row runs the body of `Trainer.train()`'s loop "
+                f"torch AdamW step, `loss.item()`; a second instance of it, timed like the others, shows how much two "
+                f"identical loops differ here (the noise floor). The trainer row runs the body of `Trainer.train()`'s loop "
                 f"(`_optimizer_step` + logging; progress bar off). {o['warmup']} warm-up steps each, then "
                 f"{o['rounds']} rounds of one {o['window']}-step window per loop, the order rotating every round; "
-                f"ms/step is the median window, the overhead the median of the per-round ratios "
+                f"ms/step is the median window, the overhead the median of the per-round ratios trainer/bare "
                 f"(ratio of the medians: {o['overhead_of_medians_pct']:+.1f} %).", "",
-                _table(*overhead_table(o)), "",
-                "Per-round ms/step: " + "; ".join(f"{k}: " + ", ".join(f"{t:.1f}" for t in v)
-                                                  for k, v in o["round_ms"].items()), ""]
+                _table(*overhead_table(o)), ""]
+        if o.get("extras_us"):
+            total = sum(o["extras_us"].values())
+            rows = [[name, f"{us:.0f}"] for name, us in o["extras_us"].items()]
+            rows.append(["**total**", f"**{total:.0f}**"])
+            out += [f"What the trainer does per step that the bare loop does not, each piece timed alone (best of "
+                    f"3 × 200 calls, net of the bare loop's counterpart where it has one): {total / 1000:.2f} ms, "
+                    f"{100 * total / 1000 / o['median_ms']['bare']:.1f} % of a bare step here.", "",
+                    _table(["trainer-only work per step", "µs"], rows), ""]
+        out += ["<details><summary>ms per round</summary>", ""]
+        out += [f"- {k}: " + ", ".join(f"{t:.1f}" for t in v) for k, v in o["round_ms"].items()]
+        out += ["", "</details>", ""]
     out += ["## Notes", "",
             "- **Timing**: wall time between the ends of consecutive optimizer steps after the warm-up steps "
             "(CUDA is synchronized first); setup, class-image generation, latent caching and the final export are "
             "not timed.",
-            "- **Memory**: `peak RSS` is the process's `ru_maxrss` (everything since start: imports, model "
-            "loading, training). `training peak − setup RSS` is the highest resident set size during the "
-            "training steps (the kernel's `VmHWM`, reset through `/proc/self/clear_refs` after setup) minus the "
-            "resident set size after setup: what the training steps add on top of the loaded models"
-            + (". On CUDA, `GPU peak` is `torch.cuda.max_memory_allocated()` over the training steps (reset after "
-               "setup) and `GPU after setup` what the models and the optimizer hold." if cuda else "."),
+            "- **Memory**: `peak RSS` is the process's `ru_maxrss` (everything since it started: imports, model "
+            "loading, caching, training). `step peak over resting RSS` is the highest resident set size during the "
+            "timed steps (the kernel's `VmHWM`, reset through `/proc/self/clear_refs` after the warm-up) minus the "
+            "resident set size right after the warm-up (models paged in, optimizer state allocated): what one "
+            "training step needs on top (activations, gradients, temporaries)"
+            + (". On CUDA, `GPU peak` is `torch.cuda.max_memory_allocated()` over the timed steps (reset after "
+               "the warm-up) and `GPU resting` what stays allocated between steps (models, optimizer state)."
+               if cuda else "."),
             "- **Cache**: `data.cache=true` caches VAE latents (posterior mean and std; the latent is still sampled "
             "per step) for every method, and text embeddings only where the text encoder is frozen (LoRA, "
             "DreamBooth here); Textual Inversion and this text2image recipe train the text encoder, so only the "
             "VAE is skipped.",
-            "- The machine may be shared: the load average above shows how busy it was; on a busy machine the "
-            "absolute numbers drop and part C's interleaving keeps the comparison fair.",
+            "- The machine may be shared: the load average above shows how busy it was. On a busy machine the "
+            "absolute numbers drop; a process with as many torch threads as cores then loses much more (its "
+            "OpenMP threads wait on each other) than one with fewer, hence `--threads 1` there. Part C's "
+            "interleaving keeps its comparison fair either way.",
             "- GPU runs: `python eval/bench_train.py --device cuda` (SD 1.5 at 512 px and SDXL at 1024 px, with "
             "8-bit AdamW + gradient checkpointing, bf16 autocast); `--quick`, `--only tiny|sd15|sdxl|overhead`, "
             "`--resolution`, `--steps`; `--help` for all options.", ""]

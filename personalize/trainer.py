@@ -195,6 +195,9 @@ class Trainer:
         except FileNotFoundError as err:
             raise SystemExit(f"error: {err}") from None
         if checkpoint is None:
+            if train.resume is None and checkpointing.checkpoint_dirs(self.checkpoint_root):
+                logger.warning("%s holds checkpoints of an earlier run; starting from step 0 anyway "
+                               "(set train.resume=auto to continue it)", self.checkpoint_root)
             if train.resume == "auto":
                 logger.info("resume: auto found no checkpoint in %s; starting from step 0", self.checkpoint_root)
             return

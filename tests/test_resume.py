@@ -31,7 +31,17 @@ LORA = "recipes/tiny/lora.yaml"
 TI = "recipes/tiny/textual-inversion.yaml"
 BASE = ["validation.prompts=[]", "train.lr_scheduler=constant"]
 LONG = 40  # steps of the subprocess runs (stopped early, then resumed in-process)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# One intra-op thread everywhere: the in-process reference and the subprocess runs then reduce in the
+# same order (bitwise comparable), and a shared 2-core machine does not make OpenMP threads spin.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -284,8 +294,7 @@ def test_two_processes_equal_one_with_the_doubled_batch(tmp_path, reference, lau
     out = tmp_path / "ddp"
     cmd = [*LAUNCHERS[launcher](_free_port()), "-m", "personalize.train", LORA, f"train.output_dir={out}",
            *QUIET, *BASE, "train.max_steps=3", "train.batch_size=1", "train.checkpoint_every=0"]
-    env = {**ENV, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert output.count("done:") == 2  # two ranks ran...

@@ -75,18 +75,47 @@ def _load_folder(path: Path, config) -> tuple[str, dict]:
     return family, components
 
 
-def _single_file_family(path: Path) -> str:
+def _read_checkpoint(path: Path, prefix: str = "", keys_only: bool = False) -> dict:
+    """Tensors of a single-file checkpoint whose keys start with ``prefix``. ``keys_only`` skips reading
+    .safetensors tensors (values are None). Pickles must already be allowed."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    else:
-        import torch
+            return {k: None if keys_only else f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    import torch
 
-        state = torch.load(path, map_location="cpu", weights_only=False)  # allowed by allow_pickle
-        keys = list(state.get("state_dict", state))
+    state = torch.load(path, map_location="cpu", weights_only=False)  # allowed by allow_pickle
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _single_file_family(path: Path) -> str:
+    keys = _read_checkpoint(path, keys_only=True)
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
+
+
+def _sdxl_open_clip_encoder(path: Path, config_dir: str):
+    """SDXL's second text encoder, read from the OpenCLIP keys of ``path`` with the config in
+    ``config_dir``. diffusers picks a text encoder's keys by comparing widths, which cannot tell the
+    two SDXL encoders apart when they are equally wide (as in tiny test models); this does not guess."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig
+
+    prefix = "conditioner.embedders.1.model."
+    config = CLIPTextConfig.from_pretrained(config_dir, subfolder="text_encoder_2", local_files_only=True)
+    with init_empty_weights():  # parameters on the meta device; buffers stay real
+        encoder = CLIPTextModelWithProjection(config)
+    tensors = _read_checkpoint(path, prefix)
+    state = convert_open_clip_checkpoint(encoder, tensors, prefix=prefix)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = encoder.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ModelLoadError(f"model.base: {path}: second text encoder does not match {config_dir}/text_encoder_2 "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return encoder.eval()
 
 
 def _load_single_file(path: Path, config) -> tuple[str, dict]:
@@ -102,7 +131,11 @@ def _load_single_file(path: Path, config) -> tuple[str, dict]:
     if config.single_file_config:
         kwargs = {"config": str(config.single_file_config), "local_files_only": True}
     try:
+        if family == "sdxl" and config.single_file_config:
+            kwargs["text_encoder_2"] = _sdxl_open_clip_encoder(path, str(config.single_file_config))
         pipe = pipeline_cls.from_single_file(str(path), safety_checker=None, **kwargs)
+    except ModelLoadError:
+        raise
     except Exception as err:  # diffusers raises many types here; all mean the same to the user
         hint = ("" if config.single_file_config else
                 " Offline, diffusers needs the model's configs: set model.single_file_config to a local "

@@ -61,6 +61,13 @@ def _indices(keys: list[str], pattern: str) -> dict[int, set[int]]:
     return found
 
 
+def _refuse_adapters(keys: Iterable[str]) -> None:
+    adapters = [k for k in keys if ".lora_" in k or ".base_layer." in k]
+    if adapters:
+        raise ValueError(f"{adapters[0]!r} belongs to an unmerged (LoRA) adapter; merge it into the weights "
+                         "(e.g. peft's merge_and_unload) before exporting a single file")
+
+
 def ldm_unet_key_map(keys: Iterable[str]) -> dict[str, str]:
     """Map diffusers ``UNet2DConditionModel`` state-dict keys to LDM keys (without ``model.diffusion_model.``).
 
@@ -72,6 +79,7 @@ def ldm_unet_key_map(keys: Iterable[str]) -> dict[str, str]:
     Raises ``ValueError`` on a key it cannot place (e.g. unmerged LoRA adapter weights).
     """
     keys = list(keys)
+    _refuse_adapters(keys)
     down_res = _indices(keys, r"down_blocks\.(\d+)\.resnets\.(\d+)\.")
     down_samplers = {int(m[1]) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.downsamplers\.", k))}
     up_res = _indices(keys, r"up_blocks\.(\d+)\.resnets\.(\d+)\.")
@@ -146,7 +154,8 @@ def ldm_vae_key_map(keys: Iterable[str]) -> dict[str, str]:
             ldm = f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
             ldm = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_[qkv]|to_out\.0)\.(.+)", key):
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\."
+                               r"(group_norm|to_[qkv]|to_out\.0)\.(.+)", key):
             ldm = f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
         else:
             raise ValueError(f"VAE key {key!r} has no place in the original SD layout")
@@ -214,10 +223,7 @@ def ldm_state_dict(models) -> dict[str, torch.Tensor]:
     else:
         out.update({SD1_CLIP_PREFIX + k: v for k, v in _hf_clip(encoders[0]).items()})
     out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
-    adapters = [k for k in out if ".lora_" in k or ".base_layer." in k]
-    if adapters:
-        raise ValueError(f"{adapters[0]!r} belongs to an unmerged adapter; merge it into the weights "
-                         "(e.g. peft's merge_and_unload) before exporting a single file")
+    _refuse_adapters(out)
     if models.noise_scheduler.config.get("prediction_type") == "v_prediction":
         out["v_pred"] = torch.tensor([])
     return out
