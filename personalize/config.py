@@ -39,6 +39,9 @@ class ModelConfig:
     variant: Optional[str] = option(None, "weight variant, e.g. fp16")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = option(
         "auto", "override the scheduler's prediction type (SD 2.x 768 models use v_prediction)")
+    vae: Optional[str] = option(None, "a separate VAE: a diffusers AutoencoderKL folder (or a pipeline folder with vae/)")
+    attention: Literal["default", "classic"] = option(
+        "default", "U-Net attention processor: default (SDPA) or classic (diffusers' AttnProcessor, faster on CPU)")
     allow_pickle: bool = option(False, "allow loading pickled .ckpt/.bin/.pt files (they can execute code)")
     single_file_config: Optional[str] = option(
         None, "local diffusers folder whose configs describe a single-file checkpoint (offline use)")
@@ -59,6 +62,8 @@ class DataConfig:
     min_image_size: int = option(0, "smallest accepted image side in pixels; 0 = resolution // 2")
     cache: bool = option(False, "cache VAE latents and text embeddings when those encoders are frozen")
     num_workers: int = option(0, "dataloader worker processes")
+    toyworld_images: int = option(0, "render this many toy-world images into data.metadata's folder if it is missing")
+    toyworld_seed: int = option(0, "seed of the rendered toy-world training set")
 
     def __post_init__(self) -> None:
         _check(self.resolution > 0 and self.resolution % 8 == 0, "data.resolution",

@@ -141,6 +141,8 @@ class Trainer:
         models = self.models
         if "unet" in prepared:
             models.unet = prepared["unet"]
+        if "vae" in prepared:
+            models.vae = prepared["vae"]
         for i, key in enumerate(["text_encoder", "text_encoder_2"][: len(models.text_encoders)]):
             if key in prepared:
                 models.text_encoders[i] = prepared[key]
@@ -309,12 +311,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def inference_models(self, reload_frozen: bool = False):
         """The model bundle with unwrapped modules; frozen modules reloaded in fp32 if asked."""
-        models = dataclasses.replace(self.models, unet=_unwrap(self.models.unet),
+        models = dataclasses.replace(self.models, unet=_unwrap(self.models.unet), vae=_unwrap(self.models.vae),
                                      text_encoders=[_unwrap(e) for e in self.models.text_encoders])
         if reload_frozen and self.weight_dtype != torch.float32:
             fresh = load_models(self.config.model)
             trained = {id(_unwrap(m)) for m in self.method.trainable_modules().values()}
-            models.vae = fresh.vae
+            if id(models.vae) not in trained:
+                models.vae = fresh.vae
             models.text_encoders = [e if id(e) in trained else f.to(e.device)
                                     for e, f in zip(models.text_encoders, fresh.text_encoders)]
         return models

@@ -14,15 +14,19 @@ from personalize.data.images import load_image
 
 
 @torch.no_grad()
-def cache_latents(dataset: ImageDataset, models, device, progress: bool = True) -> None:
-    """Encode every distinct image of ``dataset`` once and attach the result to it."""
+def cache_latents(dataset: ImageDataset, models, device, progress: bool = True, batch_size: int = 32) -> None:
+    """Encode every distinct image of ``dataset`` once (in batches) and attach the result to it."""
     latents, sizes = {}, {}
     paths = sorted({e.path for e in dataset.examples})
-    for path in tqdm(paths, desc="caching latents", disable=not progress):
-        pixels, original_size, crop = prepare_image(load_image(path), dataset.resolution, True, False, None)
-        mean, std = models.encode_images(pixels[None].to(device))
-        latents[path] = (mean[0].float().cpu(), std[0].float().cpu())
-        sizes[path] = (original_size, crop)
+    with tqdm(total=len(paths), desc="caching latents", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start: start + batch_size]
+            prepared = [prepare_image(load_image(p), dataset.resolution, True, False, None) for p in chunk]
+            mean, std = models.encode_images(torch.stack([pixels for pixels, _, _ in prepared]).to(device))
+            for i, (path, (_, original_size, crop)) in enumerate(zip(chunk, prepared)):
+                latents[path] = (mean[i].float().cpu().clone(), std[i].float().cpu().clone())
+                sizes[path] = (original_size, crop)
+            bar.update(len(chunk))
     dataset.attach_latent_cache(latents, sizes)
 
 

@@ -68,6 +68,9 @@ def validated(examples: list[Example], min_size: int, skip_bad: bool, what: str)
 
 def instance_examples(data) -> list[Example]:
     """The training examples described by a :class:`DataConfig`."""
+    if data.metadata and data.toyworld_images:
+        from personalize.toyworld.dataset import render_dataset
+        render_dataset(data.metadata, data.toyworld_images, data.toyworld_seed)
     if data.metadata:
         examples, what = jsonl_examples(data.metadata), "data.metadata"
     elif data.instance_images:

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from personalize.models.family import FAMILIES, Family
-from personalize.models.loading import ModelLoadError, load_components
+from personalize.models.loading import ModelLoadError, load_components, load_vae
 from personalize.models.tiny import TINY_MODELS
 
 __all__ = ["Models", "load_models", "ModelLoadError", "TINY_MODELS", "Family"]
@@ -69,6 +69,11 @@ class Models:
 def load_models(config) -> Models:
     """Load the base model described by a :class:`personalize.config.ModelConfig`."""
     family_name, comps = load_components(config)
+    if config.vae:
+        comps["vae"] = load_vae(config.vae)
+    if config.attention == "classic":  # diffusers' plain AttnProcessor: faster backward than SDPA on CPU
+        from diffusers.models.attention_processor import AttnProcessor
+        comps["unet"].set_attn_processor(AttnProcessor())
     if config.family not in ("auto", family_name):
         raise ModelLoadError(f"model.family: {config.base} is an {family_name} model, not {config.family}")
     scheduler = comps["scheduler"]

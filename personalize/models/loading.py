@@ -29,6 +29,15 @@ def load_components(config) -> tuple[str, dict]:
     base = config.base
     if base in TINY_MODELS:
         return build_tiny(base)
+    if base == "toy-init":
+        from personalize.toyworld.model import build_toy_init
+        return build_toy_init()
+    if base == "toy":
+        from personalize.toyworld.model import toy_model_path
+        try:
+            return _load_folder(toy_model_path(), config)
+        except FileNotFoundError as err:
+            raise ModelLoadError(f"model.base: {err}") from None
     path = Path(base).expanduser()
     if path.is_dir():
         return _load_folder(path, config)
@@ -172,3 +181,18 @@ def _hub_snapshot(repo_id: str, config) -> Path:
         raise ModelLoadError(_offline_message(repo_id)) from None
     patterns = ["*.json", "*.txt", "*.safetensors"] + (["*.bin"] if config.allow_pickle else [])
     return Path(huggingface_hub.snapshot_download(repo_id, revision=config.revision, allow_patterns=patterns))
+
+
+def load_vae(path: str) -> AutoencoderKL:
+    """A separate AutoencoderKL (``model.vae``): its own folder, or a pipeline folder with ``vae/``."""
+    folder = Path(path).expanduser()
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model.vae: {path} is not a diffusers AutoencoderKL folder (no config.json)")
+    if not list(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"model.vae: {folder} has no .safetensors weights")
+    try:
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model.vae: could not load {folder}: {err}") from None
