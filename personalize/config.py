@@ -203,6 +203,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a boolean
+            value = {False: "no", True: "yes"}[value] if any(a in ("no", "yes") for a in args) else value
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -98,7 +98,7 @@ def test_method_registry_is_checked():
     from personalize.methods import get_method_class, method_names, register_method
     from personalize.methods.lora import LoRA
 
-    assert method_names() == ["dreambooth", "lora", "text2image", "textual_inversion"]
+    assert method_names() == ["autoencoder", "dreambooth", "lora", "text2image", "textual_inversion"]
     assert get_method_class("lora") is LoRA
     with pytest.raises(KeyError, match="did you mean 'lora'"):
         get_method_class("lora2")
@@ -114,3 +114,10 @@ def test_method_registry_is_checked():
         register_method(type("Bad", (LoRA,), {"name": "my-method", "config_cls": Options}))
     with pytest.raises(ValueError, match="config_cls must be a dataclass"):
         register_method(type("NoCfg", (LoRA,), {"name": "nocfg", "config_cls": dict}))
+
+
+def test_bare_no_from_yaml_or_the_command_line_means_the_string_no():
+    from personalize.config import load_config
+
+    config = load_config("recipes/tiny/lora.yaml", ["train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"
