@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -34,10 +35,7 @@ def load_components(config) -> tuple[str, dict]:
         return build_toy_init()
     if base == "toy":
         from personalize.toyworld.model import toy_model_path
-        try:
-            return _load_folder(toy_model_path(), config)
-        except FileNotFoundError as err:
-            raise ModelLoadError(f"model.base: {err}") from None
+        return _load_folder(toy_model_path(), config)
     path = Path(base).expanduser()
     if path.is_dir():
         return _load_folder(path, config)
@@ -66,7 +64,8 @@ def _load_folder(path: Path, config) -> tuple[str, dict]:
     use_safetensors = any(p.suffix == ".safetensors" for p in weights)
     if not use_safetensors:
         _refuse_pickle(path, config)
-    kw = dict(variant=config.variant, use_safetensors=use_safetensors)
+    # fp32 in memory whatever the files hold (the toy model ships fp16 files; transformers 5 would keep fp16)
+    kw = dict(variant=config.variant, use_safetensors=use_safetensors, torch_dtype=torch.float32)
     try:
         components = {
             "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
