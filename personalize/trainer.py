@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -183,7 +184,8 @@ class Trainer:
         acc.wait_for_everyone()
         final = self.checkpoint_root / f"checkpoint-{self.step}"
         if acc.is_main_process:
-            state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict()}
+            state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict(),
+                     "train_seconds": self.train_seconds()}
             final = checkpointing.finalize(tmp, self.checkpoint_root, self.step, state,
                                            self.config.train.checkpoints_total_limit)
             logger.info("saved checkpoint %s", final)
@@ -208,7 +210,13 @@ class Trainer:
             raise SystemExit(f"error: {checkpoint} was written by method {state['method']!r}, not {self.method.name!r}")
         self.accelerator.load_state(str(checkpoint))
         self.step = int(state["global_step"])
+        self._seconds_before = float(state.get("train_seconds", 0.0))
         logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    def train_seconds(self) -> float:
+        """Wall time of the training loop so far, over every resumed segment of this run."""
+        start = getattr(self, "_loop_start", None)
+        return getattr(self, "_seconds_before", 0.0) + (time.perf_counter() - start if start else 0.0)
 
     # ---------------------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -230,6 +238,7 @@ class Trainer:
                                   num_workers=cfg.data.num_workers))
         bar = tqdm(total=train.max_steps, initial=self.step, desc=f"{self.method.name}",
                    disable=not (train.progress_bar and acc.is_main_process))
+        self._loop_start = time.perf_counter()
         with _StopRequest() as stop:
             while self.step < train.max_steps:
                 terms = self._optimizer_step(batches, accumulation)
@@ -303,6 +312,11 @@ class Trainer:
         return bool(stop.signum)
 
     def _log(self, terms: dict) -> None:
+        acc = self.accelerator
+        if acc.num_processes > 1:  # log the mean over processes, not rank 0's share of the batch
+            keys = sorted(k for k in terms if k != "lr")
+            values = acc.reduce(torch.tensor([terms[k] for k in keys], device=acc.device), reduction="mean")
+            terms = {**terms, **dict(zip(keys, values.tolist()))}
         if self.accelerator.is_main_process:
             self.history.append({"step": self.step, **terms})
         if self.accelerator.log_with and (self.step % self.config.train.log_every == 0 or self.step == 1):
@@ -367,6 +381,7 @@ class Trainer:
             written.append(target)
         tmp.rmdir()
         summary = {"method": self.method.name, "steps": self.step, "files": [p.name for p in written],
+                   "train_seconds": round(self.train_seconds(), 1),
                    "final_loss": self.history[-1]["loss"] if self.history else None}
         (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("exported %s to %s", ", ".join(p.name for p in written), self.output_dir)
