@@ -65,3 +65,58 @@ def measure(model_dir: Path, n_captions: int = 200) -> dict:
                             "images": len(psnr)},
             "prompt_readback": readback, "readback_seconds": time.perf_counter() - start,
             "size_mb": sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) / 2**20}
+
+
+def _run_info(run_dir: Path) -> dict:
+    summary = run_dir / "run_summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+def model_card(measured: dict, vae_run: dict, base_run: dict, notes: str = "") -> str:
+    """The toy model's card (README.md beside the weights, copied to docs/toy-model.md)."""
+    psnr, rb = measured["vae_psnr_db"], measured["prompt_readback"]
+    gen, real = rb["generated"], rb["real renders"]
+    hours = lambda run: f"{run.get('train_seconds', float('nan')) / 60:.0f} min" if run else "?"
+    return f"""# The toy base model
+
+A Stable-Diffusion-architecture text-to-image model for the 64x64 toy world (`personalize/toyworld/`),
+pretrained from random weights with this project's own trainer on a CPU, shipped in diffusers format
+(`StableDiffusionPipeline.from_pretrained("personalize/toyworld/assets/toy-model")`, or `model.base: toy`).
+Weights are stored in fp16 ({measured['size_mb']:.1f} MB in all); the loader runs them in fp32.
+
+| component | architecture |
+|---|---|
+| VAE | `AutoencoderKL`, blocks (32, 64, 128), 4x downsampling, 4 latent channels (64x64x3 -> 16x16x4) |
+| text encoder | `CLIPTextModel`, 4 layers, width 128, 32 positions; the real CLIP BPE tokenizer (49,408 tokens) |
+| U-Net | `UNet2DConditionModel`, blocks (64, 128, 256), cross-attention on the two upper resolutions |
+| scheduler | DDPM training / DDIM sampling, scaled-linear betas, epsilon prediction, `leading` spacing |
+
+## How it was trained
+
+Both stages read the same 30,000 rendered images with captions (`data/toyworld/train/`, rendered on
+first use from seed 0: half generic objects of every class, color, pattern, scene, accessory and size,
+half training subjects; held-out subjects never appear).
+
+1. `personalize train toy/vae` (method `autoencoder`): {vae_run.get('steps', '?')} steps of batch 32,
+   L1 + MSE + image-gradient L1 + 1e-6 KL, bf16 autocast, {hours(vae_run)} on a 2-core CPU.
+2. `personalize train toy/base` (method `text2image`, text encoder + U-Net from scratch over the VAE of
+   stage 1, cached latents, caption dropout 0.1 for guidance, min-SNR 5): {base_run.get('steps', '?')} steps
+   of batch 64, bf16 autocast, {hours(base_run)} on a 2-core CPU.
+3. `python eval/toy_model.py --ship outputs/toy-base` stores it here in fp16 and measures it.
+
+{notes}
+
+## Measurements (`python eval/toy_model.py`)
+
+- VAE reconstruction PSNR on {psnr['images']} fresh held-out renders (half of them held-out subjects):
+  mean **{psnr['mean']:.1f} dB**, median {psnr['median']:.1f} dB, worst {psnr['min']:.1f} dB.
+- Prompt read-back: one image for each of {rb['captions']} random captions (25 DDIM steps, guidance 4),
+  read by the attribute judge (`docs/judges.md`), and the same judge on real renders of the same captions:
+
+| | class | color | scene | accessory (captions with one) |
+|---|---:|---:|---:|---:|
+| generated | {gen['class']:.0%} | {gen['color']:.0%} | {gen['scene']:.0%} | {gen['accessory']:.0%} |
+| real renders (ceiling) | {real['class']:.0%} | {real['color']:.0%} | {real['scene']:.0%} | {real['accessory']:.0%} |
+
+Personalization on held-out subjects: `docs/toybench.md`.
+"""
