@@ -152,8 +152,10 @@ class Trainer:
     def _cache(self) -> None:
         datasets = [self.dataset.instance, self.dataset.class_] if isinstance(self.dataset, PriorPairDataset) else [self.dataset]
         show = self.config.train.progress_bar and self.accelerator.is_main_process
-        for dataset in datasets:
-            cache_latents(dataset, self.models, self.accelerator.device, progress=show)
+        for i, dataset in enumerate(datasets):  # kept on disk: a resumed run does not encode again
+            cache_latents(dataset, self.models, self.accelerator.device, progress=show,
+                          cache_file=self.output_dir / "cache" / f"latents-{i}.safetensors",
+                          write=self.accelerator.is_main_process)
         if not self.method.trains_text_encoder:
             self.method.text_cache = cache = TextCache(self.models)
             with self.accelerator.autocast():

@@ -31,6 +31,21 @@ def test_cache_on_and_off_give_the_same_losses(tmp_path, recipe, extra):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
+def test_latent_cache_is_kept_on_disk_and_reused_only_while_valid(tmp_path, monkeypatch):
+    from personalize.models import Models
+
+    first = run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true")
+    cache_file = tmp_path / "run" / "cache" / "latents-0.safetensors"
+    assert cache_file.is_file()
+    calls = []
+    original = Models.encode_images
+    monkeypatch.setattr(Models, "encode_images", lambda self, x: calls.append(len(x)) or original(self, x))
+    again = run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true")
+    assert calls == [] and again.history[0]["loss"] == first.history[0]["loss"]  # read from disk
+    run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true", "data.resolution=32")
+    assert calls  # another resolution: encoded again
+
+
 def test_class_images_are_generated_once_and_reused(tmp_path):
     class_dir = tmp_path / "class"
     overrides = [*FAST, "train.max_steps=1", f"prior.class_images={class_dir}", "prior.num_class_images=3"]

@@ -6,18 +6,61 @@ so a cached run draws the same latents as an uncached one.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from personalize.data.datasets import ImageDataset, prepare_image
 from personalize.data.images import load_image
 
 
+def _fingerprint(vae, resolution: int, paths: list[Path]) -> str:
+    """Changes when the VAE weights, the resolution or any image file changes."""
+    digest = hashlib.sha256(f"{resolution}".encode())
+    for tensor in vae.state_dict().values():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _load_cache_file(cache_file: Path, fingerprint: str, paths: list[Path]):
+    try:
+        with safe_open(str(cache_file), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            mean, std, sizes = f.get_tensor("mean"), f.get_tensor("std"), f.get_tensor("sizes")
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if len(mean) != len(paths):
+        return None
+    latents = {p: (mean[i], std[i]) for i, p in enumerate(paths)}
+    shapes = {p: ((int(s[0]), int(s[1])), (int(s[2]), int(s[3]))) for p, s in zip(paths, sizes.tolist())}
+    return latents, shapes
+
+
 @torch.no_grad()
-def cache_latents(dataset: ImageDataset, models, device, progress: bool = True, batch_size: int = 32) -> None:
-    """Encode every distinct image of ``dataset`` once (in batches) and attach the result to it."""
-    latents, sizes = {}, {}
+def cache_latents(dataset: ImageDataset, models, device, progress: bool = True, batch_size: int = 32,
+                  cache_file: Optional[Path] = None, write: bool = True) -> None:
+    """Encode every distinct image of ``dataset`` once (in batches) and attach the result to it.
+
+    With ``cache_file`` the latents are also kept on disk (safetensors, written atomically) and reused
+    by a later or resumed run whose VAE, resolution and image files are unchanged."""
     paths = sorted({e.path for e in dataset.examples})
+    fingerprint = _fingerprint(models.vae, dataset.resolution, paths) if cache_file else ""
+    if cache_file is not None and cache_file.is_file():
+        loaded = _load_cache_file(cache_file, fingerprint, paths)
+        if loaded is not None:
+            dataset.attach_latent_cache(*loaded)
+            return
+    latents, sizes = {}, {}
     with tqdm(total=len(paths), desc="caching latents", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start: start + batch_size]
@@ -28,6 +71,14 @@ def cache_latents(dataset: ImageDataset, models, device, progress: bool = True, 
                 sizes[path] = (original_size, crop)
             bar.update(len(chunk))
     dataset.attach_latent_cache(latents, sizes)
+    if cache_file is not None and write:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.name + ".tmp")
+        save_file({"mean": torch.stack([latents[p][0] for p in paths]),
+                   "std": torch.stack([latents[p][1] for p in paths]),
+                   "sizes": torch.tensor([[*sizes[p][0], *sizes[p][1]] for p in paths])},
+                  str(tmp), metadata={"fingerprint": fingerprint})
+        os.replace(tmp, cache_file)
 
 
 class TextCache:
