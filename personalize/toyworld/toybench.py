@@ -158,7 +158,9 @@ def language_drift(judges, pipe, subject: Subject, references: np.ndarray, n: in
     """The class prompt "a {class}" after personalization: similarity of its images to the subject
     (high = the class collapsed onto the subject) and to each other (high = little diversity)."""
     images = np.stack(generate(pipe, [f"a {subject.cls}"], n, seed=seed))
-    emb = judges.embed(images)
+    import torch
+
+    emb = torch.as_tensor(judges.embed(images)).float().cpu().numpy()
     pairwise = (emb @ emb.T)[~np.eye(len(emb), dtype=bool)].mean()
     return {"class_prompt_subject_similarity": float(judges.subject_fidelity(images, references)),
             "class_prompt_self_similarity": float(pairwise)}
