@@ -53,7 +53,8 @@ def _toy_subject_demo(out: Path, name: str, methods, n: int, steps: int) -> dict
          f"{out / name / 'references'}")
     judges = Judges.load()
     start = time.perf_counter()
-    rows = run_subject(judges, subject, ["base", *methods], out / name, n=n, steps=steps, log=_log)
+    rows = run_subject(judges, subject, ["base", *methods], out / name, n=n, steps=steps, keep_weights=True,
+                       log=_log)
     notes = (f"Subject '{name}' (a held-out {subject.cls}), personalized from 4 reference renders; "
              f"{n} images for each of 20 ToyBench prompts. Subject fidelity: identity-embedding cosine to the "
              "references (the ceiling row scores real renders of the subject in each prompt's context); prompt "

@@ -170,7 +170,7 @@ def language_drift(judges, pipe, subject: Subject, references: np.ndarray, n: in
 
 def run_subject(judges, subject: Subject, methods: list[str], out_dir: Path, n: int = 2, steps: int = 25,
                 guidance: float = 4.0, overrides: Optional[dict[str, tuple[str, ...]]] = None,
-                drift: bool = False, log: Callable[[str], None] = print) -> dict:
+                drift: bool = False, keep_weights: bool = False, log: Callable[[str], None] = print) -> dict:
     """Every row for one subject; images and per-method results are written under ``out_dir``."""
     prompts = toybench_prompts(subject)
     references = np.stack([render(s) for s in reference_specs(subject)])
@@ -205,7 +205,8 @@ def run_subject(judges, subject: Subject, methods: list[str], out_dir: Path, n: 
         (out_dir / method).mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             Image.fromarray(image).save(out_dir / method / f"{i:03d}.png")
-        shutil.rmtree(run_dir, ignore_errors=True) if run_dir else None
+        if run_dir and not keep_weights:
+            shutil.rmtree(run_dir, ignore_errors=True)
         result_file.write_text(json.dumps(result, indent=2))
         rows[method] = result
         log(f"{subject.name}: {method} subject fidelity {result['subject_fidelity']:.3f}, "
