@@ -2,6 +2,7 @@
 
     personalize train RECIPE [section.key=value ...]
     personalize generate --base MODEL [--lora DIR] [--embeddings FILE --token T] --prompt "..." -n 4
+    personalize eval RECIPE|base [...] --data DREAMBENCH_FOLDER | --toy SUBJECTS   (see docs/evaluation.md)
     personalize recipes
 """
 
@@ -78,6 +79,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from personalize.eval import run
+
+    return run(args)
+
+
 def cmd_recipes(args) -> int:
     for path in shipped_recipes():
         first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
@@ -129,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-noun", default="star", help="class noun of your own subject (folder mode)")
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.set_defaults(func=cmd_demo)
+
+    from personalize.eval import __doc__ as eval_doc, add_arguments as add_eval_arguments
+
+    p = sub.add_parser("eval", help="DreamBench table (DINO, CLIP-I, CLIP-T) or ToyBench for any method, with reports",
+                       description=eval_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)

@@ -154,11 +154,15 @@ def _load_single_file(path: Path, config) -> tuple[str, dict]:
     return family, components
 
 
-def _offline_message(repo_id: str) -> str:
+def _offline_message(repo_id: str, setting: str = "model.base", files: str = "",
+                     alternative: str = " (or a single .safetensors file)") -> str:
+    """What to do when ``repo_id`` is needed offline; ``setting`` is the option that takes a local copy
+    (a recipe key, or a command-line flag such as ``--dino-weights``), ``files`` limits the download."""
+    folder = repo_id.split("/")[-1]
     return (
-        f"model.base: the weights of '{repo_id}' are not on this machine and the Hugging Face Hub cannot be "
-        f"reached. Download them where there is network (`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`), "
-        f"copy the folder here and set model.base=./{repo_id.split('/')[-1]} (or a single .safetensors file)."
+        f"{setting}: the weights of '{repo_id}' are not on this machine and the Hugging Face Hub cannot be "
+        f"reached. Download them where there is network (`hf download {repo_id}{files} --local-dir ./{folder}`), "
+        f"copy the folder here and set {setting}=./{folder}{alternative}."
     )
 
 

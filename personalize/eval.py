@@ -1,0 +1,124 @@
+"""``personalize eval``: the DreamBench table (DINO, CLIP-I, CLIP-T) for any method on any base model,
+or the same table on toy-world subjects scored by the toy judges.
+
+    personalize eval dreambooth-lora-sd15 base --data shared/dreambench --base ./stable-diffusion-v1-5 \\
+        --dino-weights ./dino-vits16 --clip-weights ./vit_base_patch32_clip_224.openai
+    personalize eval toy/lora toy/textual-inversion renders --toy zorbo,plimm
+    accelerate launch --multi_gpu --num_processes 4 -m personalize.eval dreambooth-sd15 --data ...
+
+Also ``python eval/dreambench.py ...`` (the same arguments). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prompt indices such as 0,10,20, got {text!r}")
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rows", nargs="*", metavar="ROW",
+                   help="[LABEL=]RECIPE or [LABEL=]ZERO_SHOT: a recipe (path or shipped name such as "
+                        "dreambooth-lora-sd15, tiny/lora, toy/lora) trains per subject, then generates; a zero-shot "
+                        "method generates directly: 'base' (the base model, class noun only), 'renders' (toy "
+                        "world: real renders, the ceiling)")
+    src = p.add_argument_group("subjects and prompts")
+    src.add_argument("--data", help="DreamBench-layout folder: SUBJECT/NN.jpg and prompts_and_classes.txt")
+    src.add_argument("--toy", type=_names, metavar="NAMES",
+                     help="held-out toy-world subjects instead (comma-separated, e.g. zorbo,plimm, or 'all')")
+    src.add_argument("--subjects", type=_names, metavar="A,B", help="only these subjects (default: all found)")
+    src.add_argument("--prompts", type=_indices, metavar="I,J", help="only these prompt indices (default: all 25)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("-n", "--images-per-prompt", type=int, default=4, help="images per prompt (DreamBench: 4)")
+    gen.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed SEED+j")
+    gen.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--resolution", type=int,
+                     help="image side (default: the recipe's data.resolution; zero-shot rows: the model's own)")
+    gen.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    gen.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    run = p.add_argument_group("methods")
+    run.add_argument("--base", help="base model for every row (replaces each recipe's model.base)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="recipe override for every fine-tuning row, e.g. --set train.max_steps=400 (repeatable)")
+    run.add_argument("--token", default="sks", help="unique identifier in DreamBooth / LoRA prompts ('a sks dog')")
+    run.add_argument("--keep-weights", action="store_true", help="keep each subject's trained weights")
+    met = p.add_argument_group("metrics")
+    met.add_argument("--metrics", choices=("dreambench", "toy", "tiny"),
+                     help="dreambench = DINO + CLIP (default with --data), toy = the toy judges (default with --toy), "
+                          "tiny = random tiny DINO + CLIP (smoke runs offline; the numbers mean nothing)")
+    met.add_argument("--dino-weights", help="DINO ViT-S/16: a local transformers folder or a hub id "
+                                            "(default facebook/dino-vits16 from the Hugging Face cache)")
+    met.add_argument("--clip-weights", help="CLIP ViT-B/32 OpenAI weights: an open_clip .safetensors/.bin file or "
+                                            "its folder (default timm/vit_base_patch32_clip_224.openai from the cache)")
+    met.add_argument("--judges", help="toy judges file (default: the shipped one)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", default="outputs/eval", help="work folder: images, per-subject results, the report")
+    out.add_argument("--title", help="report title (default DreamBench or ToyBench)")
+    out.add_argument("--report-only", action="store_true", help="rewrite the report from the results in --out")
+
+
+def run(args) -> int:
+    from personalize.harness import EvalSettings, launch_state, run_benchmark
+    from personalize.rows import build_row
+    from personalize.report import write_report
+
+    if args.report_only:
+        files = write_report(Path(args.out))
+        print("\n".join(f"wrote {path}" for path in files.values()))
+        return 0
+    if bool(args.data) == bool(args.toy):
+        print("error: give one of --data FOLDER (DreamBench layout) or --toy NAMES", file=sys.stderr)
+        return 2
+    state = launch_state()  # before the metrics or a method touch a GPU
+    if not args.rows:
+        print("error: name at least one ROW (a recipe such as tiny/lora, or a zero-shot method: base)", file=sys.stderr)
+        return 2
+    from personalize.dreambench import load_dreambench, toy_subjects
+    from personalize.metrics import load_metrics
+
+    settings = EvalSettings(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+                            guidance=args.guidance, batch_size=args.batch_size, resolution=args.resolution,
+                            token=args.token, keep_weights=args.keep_weights, device=args.device,
+                            title=args.title or ("ToyBench" if args.toy else "DreamBench"))
+    rows = [build_row(spec, args.base, args.set) for spec in args.rows]
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels):
+        print(f"error: rows need distinct labels (got {', '.join(labels)}); name them LABEL=RECIPE", file=sys.stderr)
+        return 2
+    recipe_base = next((r.base for r in rows if r.kind == "fine-tune"), None)
+    for r in rows:  # a zero-shot row without --base: the first recipe's base model (or the toy model)
+        if r.kind == "zero-shot" and not r.base:
+            r.base = recipe_base or ("toy" if args.toy else None)
+    if args.toy:
+        from personalize.toyworld.world import HELDOUT_NAMES
+
+        names = list(HELDOUT_NAMES) if args.toy == ["all"] else args.toy
+        if args.subjects:
+            names = [n for n in names if n in args.subjects]
+        subjects, data = toy_subjects(names, Path(args.out) / "toy-subjects", args.prompts), "toy world"
+    else:
+        subjects, data = load_dreambench(args.data, args.subjects, args.prompts), str(args.data)
+    metrics = load_metrics(args.metrics or ("toy" if args.toy else "dreambench"), args.dino_weights,
+                           args.clip_weights, args.judges, args.device)
+    files = run_benchmark(subjects, rows, metrics, settings, state, log=lambda m: print(m, flush=True), data=data)
+    print(files["markdown"].read_text())
+    print("\n".join(f"wrote {path}" for path in files.values()))
+    return 0
+
+
+if __name__ == "__main__":  # accelerate launch -m personalize.eval ...
+    from personalize.cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -1,0 +1,194 @@
+"""The evaluation harness: run each row (:mod:`personalize.rows`) on benchmark subjects, score the
+images with :class:`~personalize.metrics.SubjectMetrics`, write the report (:mod:`personalize.report`).
+
+For each subject and row: ``len(prompts) x images_per_prompt`` images, image ``j`` of every prompt
+with seed ``seed + j`` (the same seeds for every row), scored by each metric. Per (row, subject) the
+harness records training and generation seconds and peak memory and writes
+``<out>/<row>/<subject>/result.json`` last: a rerun skips what has one, and a subject whose training
+finished but whose generation did not is not trained again (``train.resume=auto`` continues a stopped
+training from its checkpoint). Several processes (``accelerate launch --num_processes K``) share the
+subjects round robin; each trains alone on its own GPU, and each rewrites the report from the result
+files when it is done, so the last one to finish writes the whole table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from personalize.dreambench import BenchSubject, LaunchState, shard
+from personalize.metrics import SubjectMetrics, metric_names
+from personalize.rows import Log, PeakMemory, Row, _free_memory, _write_json
+
+logger = logging.getLogger("personalize.eval")
+
+
+@dataclass
+class EvalSettings:
+    out: str = "outputs/eval"
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    batch_size: int = 8
+    resolution: Optional[int] = None  # default: the recipe's data.resolution (zero-shot rows: the model's own)
+    token: str = "sks"  # DreamBooth / LoRA's unique identifier; Textual Inversion uses its placeholder
+    keep_weights: bool = False
+    device: Optional[str] = None
+    title: str = "DreamBench"
+    class_images_suffix: str = ""  # set per process when several share the subjects (their own class images)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# -- one subject ----------------------------------------------------------------------------------
+
+def prepare_references(subject: BenchSubject, metrics: Sequence[SubjectMetrics], settings: EvalSettings,
+                       thumbnail: int = 256) -> dict:
+    """Thumbnails for the report and the real-images row (references against each other), once."""
+    from personalize.metrics import as_pil
+
+    folder = settings.out_dir / "references" / subject.slug
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    images = [as_pil(p) for p in subject.references]
+    thumbs = []
+    for i, image in enumerate(images):
+        path = folder / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        small = image.copy()
+        small.thumbnail((thumbnail, thumbnail))
+        small.save(path, quality=90)
+        thumbs.append(path.relative_to(settings.out_dir).as_posix())
+    scores = {m.image_metric: m.reference_similarity(images) for m in metrics if m.image_metric and len(images) > 1}
+    result = {"subject": subject.name, "class": subject.class_noun, "live": subject.live,
+              "references": [str(p) for p in subject.references], "thumbnails": thumbs, "scores": scores}
+    _write_json(result_file, result)
+    return result
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+def summarize_prompts(per_prompt: list[dict], names: Sequence[str]) -> dict:
+    """Means over a subject's prompts: overall and per kind (kinds without prompts are left out)."""
+    from personalize.dreambench import KINDS
+
+    out = {"mean": {k: _mean([p["scores"][k] for p in per_prompt]) for k in names}, "kinds": {}}
+    for kind in KINDS:
+        rows = [p for p in per_prompt if p["kind"] == kind]
+        if rows:
+            out["kinds"][kind] = {k: _mean([p["scores"][k] for p in rows]) for k in names}
+            out["kinds"][kind]["prompts"] = len(rows)
+    return out
+
+
+def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectMetrics], settings: EvalSettings,
+                     log: Log = logger.info) -> dict:
+    """Personalize (if the row does), generate, score and record one subject; skip it if already done."""
+    from personalize.metrics import as_pil
+
+    work_dir = settings.out_dir / row.label / subject.slug
+    result_file = work_dir / "result.json"
+    if result_file.is_file():
+        log(f"{subject.name}: {row.label}: done earlier, skipped")
+        return json.loads(result_file.read_text())
+    device = settings.torch_device()
+    stats = row.prepare(subject, work_dir, settings, log)
+    log(f"{subject.name}: {row.label}: generating {len(subject.prompts)} prompts x {settings.images_per_prompt} ...")
+    start = time.perf_counter()
+    with PeakMemory(device) as peak:
+        texts, images = row.generate(subject, work_dir, settings)
+    generate_seconds = time.perf_counter() - start
+    _free_memory()
+    references = [as_pil(p) for p in subject.references]
+    per_prompt = []
+    for prompt, text, group in zip(subject.prompts, texts, images):
+        paths = []
+        for j, image in enumerate(group):
+            path = work_dir / "images" / f"p{prompt.index:02d}-{j}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            as_pil(image).save(path)
+            paths.append(path.relative_to(settings.out_dir).as_posix())
+        metric_prompt = prompt.text(subject.class_noun)  # the class noun, never the unique token
+        scores = {}
+        for metric in metrics:
+            scores.update(metric.score(group, references, metric_prompt))
+        per_prompt.append({"index": prompt.index, "template": prompt.template, "kind": prompt.kind, "prompt": text,
+                           "metric_prompt": metric_prompt, "images": paths, "scores": scores})
+    names = metric_names(metrics)
+    result = {"subject": subject.name, "class": subject.class_noun, "row": row.label, **row.describe(),
+              **summarize_prompts(per_prompt, names), "prompts": per_prompt,
+              "train_seconds": stats.get("train_seconds"), "generate_seconds": generate_seconds,
+              "peak_memory_train_mib": stats.get("peak_memory_train_mib"), "peak_memory_generate_mib": peak.mib,
+              "memory": peak.kind, "device": str(device), "stats": stats}
+    _write_json(result_file, result)
+    row.cleanup(work_dir, settings)
+    log(f"{subject.name}: {row.label}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["mean"].items()))
+    return result
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+
+def detach_from_launcher(state: LaunchState) -> None:
+    """Let this launched process train alone on its own GPU: forget the process group the launcher
+    described (the trainer would otherwise join every process into one data-parallel run) and keep only
+    the GPU of this process's local rank visible."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        os.environ.pop(key, None)
+    if torch.cuda.is_initialized():
+        torch.cuda.set_device(state.local_process_index)
+    else:
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if visible or torch.cuda.device_count() > 0:
+            os.environ["CUDA_VISIBLE_DEVICES"] = (visible[state.local_process_index % len(visible)] if visible
+                                                  else str(state.local_process_index))
+
+
+def launch_state() -> LaunchState:
+    """This process's place in a launch (``accelerate launch`` / ``torchrun``), detached from the launch's
+    process group; call it before anything touches CUDA."""
+    state = LaunchState.from_environment()
+    if state.num_processes > 1:
+        detach_from_launcher(state)
+    return state
+
+
+def run_benchmark(subjects: Sequence[BenchSubject], rows: Sequence[Row], metrics: Sequence[SubjectMetrics],
+                  settings: EvalSettings, state=None, log: Log = logger.info, data: str = "") -> dict[str, Path]:
+    """Evaluate every row on this process's share of ``subjects``; write the report files."""
+    from personalize.report import write_report
+
+    if state is None:
+        state = launch_state()
+    out = settings.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"title": settings.title, "data": data, "settings": asdict(settings),
+            "subjects": [{"name": s.name, "slug": s.slug, "class": s.class_noun, "live": s.live,
+                          "prompts": len(s.prompts)} for s in subjects],
+            "rows": [r.describe() for r in rows], "metrics": metric_names(metrics)}
+    _write_json(out / "plan.json", plan)
+    mine = shard(subjects, state)
+    if state.num_processes > 1:  # processes would write the same class-image files at once
+        settings = replace(settings, class_images_suffix=f"-rank{state.process_index}")
+        log(f"process {state.process_index} of {state.num_processes}: subjects {', '.join(s.name for s in mine)}")
+    for subject in mine:
+        prepare_references(subject, metrics, settings)
+        for row in rows:
+            evaluate_subject(row, subject, metrics, settings, log)
+    return write_report(out)

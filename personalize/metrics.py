@@ -1,0 +1,403 @@
+"""DreamBench's metrics (DINO, CLIP-I, CLIP-T) and ToyBench's judges behind one small interface.
+
+As in the DreamBooth paper (Ruiz et al. 2022, section 4.1):
+
+- **DINO**: cosine similarity of DINO ViT-S/16 global embeddings (the class token of the last layer),
+  averaged over every (generated, real) pair of one subject;
+- **CLIP-I**: the same with CLIP ViT-B/32 image embeddings;
+- **CLIP-T**: cosine similarity of each generated image's CLIP embedding with its prompt's CLIP text
+  embedding, the prompt written with the class noun and without the unique token.
+
+Preprocessing is the reference implementations': DINO's evaluation transform (resize the short side to
+256 bicubic, center crop 224, ImageNet mean/std) and open_clip's for the OpenAI weights (resize 224
+bicubic, center crop 224, CLIP mean/std).
+
+A :class:`SubjectMetrics` answers ``image_similarity(generated, references)`` and
+``text_similarity(images, prompts)``; each names the column it fills (``image_metric``,
+``text_metric``). :class:`ToyJudgeMetrics` puts ToyBench's judges behind the same interface, so one
+harness scores DreamBench and the toy world.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from personalize.models.loading import ModelLoadError, _offline_message
+
+DINO_REPO = "facebook/dino-vits16"
+CLIP_MODEL = "ViT-B-32"
+CLIP_REPO = "timm/vit_base_patch32_clip_224.openai"  # where open_clip keeps the OpenAI ViT-B/32 weights
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DISPLAY_NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T",
+                 "subject_fidelity": "subject fidelity", "prompt_fidelity": "prompt fidelity"}
+
+
+class MetricWeightsError(ModelLoadError):
+    """A metric's weights are missing or unreadable; the message says which and how to supply them."""
+
+
+# -- the interface --------------------------------------------------------------------------------
+
+def pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False) -> float:
+    """Mean cosine over all pairs (a_i, b_j); ``exclude_self`` (a is b) leaves out the pairs i == j."""
+    a, b = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
+    sims = a @ b.T
+    if exclude_self:
+        if len(a) < 2:
+            raise ValueError("need at least two images to compare distinct pairs")
+        sims = sims[~torch.eye(len(a), dtype=torch.bool)]
+    return float(sims.mean())
+
+
+def as_pil(image) -> Image.Image:
+    """A PIL image from a PIL image, a path or uint8 pixels (H, W, 3)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        from personalize.data.images import load_image
+        return load_image(image)
+    return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+
+
+class SubjectMetrics(ABC):
+    """Scores one subject's generated images. A subclass fills ``image_metric`` (subject fidelity,
+    e.g. "dino") and/or ``text_metric`` (prompt fidelity, e.g. "clip_t") and overrides what it offers;
+    embedding metrics only need ``embed_images`` (and ``embed_texts``)."""
+
+    image_metric: Optional[str] = None
+    text_metric: Optional[str] = None
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in (self.image_metric, self.text_metric) if n]
+
+    def embed_images(self, images: Sequence) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not embed images")
+
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not embed text")
+
+    def image_similarity(self, generated: Sequence, references: Sequence) -> float:
+        """Mean cosine over every (generated, reference) pair."""
+        return pairwise_cosine(self.embed_images(generated), self.embed_images(references))
+
+    def reference_similarity(self, references: Sequence) -> float:
+        """The real-images ceiling: mean cosine over pairs of *distinct* references of the subject."""
+        return pairwise_cosine(*[self.embed_images(references)] * 2, exclude_self=True)
+
+    def text_similarity(self, images: Sequence, prompts: Sequence | str) -> float:
+        """Mean cosine of each image with its prompt (one prompt for all, or one per image)."""
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        image_emb = F.normalize(self.embed_images(images).double(), dim=-1)
+        text_emb = F.normalize(self.embed_texts(prompts).double(), dim=-1)
+        return float((image_emb * text_emb).sum(-1).mean())
+
+    def score(self, generated: Sequence, references: Sequence, prompt) -> dict[str, float]:
+        """This metric's columns for one prompt's images."""
+        out = {}
+        if self.image_metric:
+            out[self.image_metric] = self.image_similarity(generated, references)
+        if self.text_metric:
+            out[self.text_metric] = self.text_similarity(generated, prompt)
+        return out
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _EncoderMetrics(SubjectMetrics):
+    """An image encoder behind a torchvision-style ``preprocess`` (PIL -> tensor)."""
+
+    def __init__(self, preprocess, device=None, batch_size: int = 32):
+        self.preprocess, self.batch_size = preprocess, batch_size
+        self.device = torch.device(device) if device else _default_device()
+
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence) -> torch.Tensor:
+        if len(images) == 0:
+            raise ValueError("no images")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(as_pil(im)) for im in images[start:start + self.batch_size]])
+            out.append(self._encode_images(pixels.to(self.device)).float().cpu())
+        return torch.cat(out)
+
+
+# -- DINO -----------------------------------------------------------------------------------------
+
+def dino_transform(image_size: int = 224):
+    """DINO's evaluation transform (``eval_knn.py``): resize to 256/224 of the crop, bicubic; center crop;
+    ImageNet normalization."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(round(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class DinoMetric(_EncoderMetrics):
+    """DINO: the class token of a DINO ViT (``transformers.ViTModel``, no pooler) as the global embedding."""
+
+    image_metric = "dino"
+
+    def __init__(self, model, device=None, batch_size: int = 32):
+        size = model.config.image_size
+        super().__init__(dino_transform(size if isinstance(size, int) else size[0]), device, batch_size)
+        self.model = model.eval().to(self.device)
+
+    def _encode_images(self, pixels):
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+    @classmethod
+    def load(cls, weights: Optional[str] = None, device=None) -> "DinoMetric":
+        """``weights``: a local folder saved by transformers, or a hub id (default facebook/dino-vits16)."""
+        from transformers import ViTModel
+
+        folder = resolve_weights(weights, DINO_REPO, "--dino-weights")
+        try:
+            model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False)
+        except (OSError, ValueError) as err:
+            raise MetricWeightsError(f"--dino-weights: could not load a DINO ViT from {folder}: {err}") from None
+        return cls(model, device)
+
+
+# -- CLIP -----------------------------------------------------------------------------------------
+
+class ClipMetric(_EncoderMetrics):
+    """CLIP-I and CLIP-T with an open_clip model, its evaluation ``preprocess`` and its tokenizer."""
+
+    image_metric, text_metric = "clip_i", "clip_t"
+
+    def __init__(self, model, preprocess, tokenizer, device=None, batch_size: int = 32):
+        super().__init__(preprocess, device, batch_size)
+        self.model, self.tokenizer = model.eval().to(self.device), tokenizer
+
+    def _encode_images(self, pixels):
+        return self.model.encode_image(pixels)
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float().cpu()
+
+    @classmethod
+    def load(cls, weights: Optional[str] = None, model_name: str = CLIP_MODEL, device=None) -> "ClipMetric":
+        """``weights``: an open_clip checkpoint (.safetensors, or a .bin state dict), a folder holding
+        one, or None for the OpenAI weights of ViT-B/32 (from the Hugging Face cache or the hub)."""
+        import open_clip
+
+        if weights is None and model_name == CLIP_MODEL:
+            path = resolve_weights(None, CLIP_REPO, "--clip-weights", files=CLIP_FILES)
+        elif weights is None:
+            raise MetricWeightsError(f"--clip-weights: {model_name} has no default weights; pass a checkpoint")
+        else:
+            path = resolve_weights(weights, CLIP_REPO, "--clip-weights", files=CLIP_FILES)
+        if path.is_dir():
+            found = [path / f for f in CLIP_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
+            if not found:
+                raise MetricWeightsError(f"--clip-weights: {path} holds none of {', '.join(CLIP_FILES)}")
+            path = found[0]
+        try:  # the OpenAI weights were trained with QuickGELU; open_clip's ViT-B-32 config does not say so
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=str(path), force_quick_gelu=True, weights_only=True)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise MetricWeightsError(f"--clip-weights: could not load {model_name} weights from {path}: {err}"
+                                     ) from None
+        return cls(model, preprocess, open_clip.get_tokenizer(model_name), device)
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "0").lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flag in {"1", "true", "yes"} for flag in flags)
+
+
+def resolve_weights(source: Optional[str], repo_id: str, setting: str, files: Sequence[str] = ()) -> Path:
+    """A local path for ``source`` (a file, a folder, or a hub id; None = ``repo_id``): the path itself,
+    the Hugging Face cache, or a download. Offline without a local copy: one error that says what is
+    missing and how to supply it. ``files``: the hub files wanted (any one of them); default all."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if source is not None:
+        path = Path(source).expanduser()
+        if path.exists():
+            return path
+        if source.startswith((".", "/", "~")) or path.suffix or source.count("/") != 1:
+            raise MetricWeightsError(f"{setting}: {source} does not exist")
+        repo_id = source
+
+    def fetch(local_only: bool) -> Path:
+        if not files:
+            return Path(huggingface_hub.snapshot_download(repo_id, local_files_only=local_only,
+                                                          allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        for i, name in enumerate(files):
+            try:
+                return Path(huggingface_hub.hf_hub_download(repo_id, name, local_files_only=local_only))
+            except Exception:
+                if i == len(files) - 1:
+                    raise
+        raise AssertionError  # unreachable
+
+    try:
+        return fetch(local_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    what = f" {files[0]}" if files else ""
+    message = _offline_message(repo_id, setting, what, " (the folder or the file)" if files else "")
+    if _offline():
+        raise MetricWeightsError(message)
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        raise MetricWeightsError(f"{setting}: '{repo_id}' is neither a local path nor a model on the hub") from None
+    except Exception:  # no network: one clear message, no retries
+        raise MetricWeightsError(message) from None
+    return fetch(local_only=False)
+
+
+# -- the toy world --------------------------------------------------------------------------------
+
+def toy_prompt_attributes(prompt: str) -> dict[str, str]:
+    """What a toy-world prompt (class noun, no unique token) asks for: its ``class``, and ``color``,
+    ``scene``, ``accessory`` where it names one ("a purple star", "a star in the snow",
+    "a star wearing a santa hat"). The color is a color word before the class noun."""
+    from personalize.toyworld.world import ACCESSORIES, CLASSES, COLORS, SCENES
+
+    text = " ".join(prompt.lower().split())
+    asked = {}
+    cls = next((c for c in CLASSES if re.search(rf"\b{c}\b", text)), None)
+    if cls:
+        asked["class"] = cls
+        before = text[:re.search(rf"\b{cls}\b", text).start()].split()
+        color = next((w for w in reversed(before) if w in COLORS), None)
+        if color:
+            asked["color"] = color
+    scenes = [(len(words), name) for name, words in SCENES.items() if words in text]
+    if scenes:
+        asked["scene"] = max(scenes)[1]
+    wearing = text.split(" wearing ", 1)[1] if " wearing " in text else ""
+    accessories = [(len(words), name) for name, words in ACCESSORIES.items() if wearing.startswith(words)]
+    if accessories:
+        asked["accessory"] = max(accessories)[1]
+    return asked
+
+
+class ToyJudgeMetrics(SubjectMetrics):
+    """ToyBench's judges (``personalize.toyworld.judge.Judges``) as a :class:`SubjectMetrics`:
+    subject fidelity = identity-embedding cosine over (generated, reference) pairs, as DINO;
+    prompt fidelity = the fraction of images that show what their prompt asks.
+
+    ``text_similarity`` takes prompt texts (it checks what the text names: class, and color, scene or
+    accessory where named) or toy-world ``ImageSpec`` targets (then exactly ``Judges.prompt_fidelity``,
+    which also checks the subject's own color where the prompt asks no other, as ToyBench does)."""
+
+    image_metric, text_metric = "subject_fidelity", "prompt_fidelity"
+
+    def __init__(self, judges):
+        self.judges = judges
+
+    @classmethod
+    def load(cls, path: Optional[str] = None) -> "ToyJudgeMetrics":
+        from personalize.toyworld.judge import Judges
+
+        try:
+            return cls(Judges.load(path))
+        except FileNotFoundError as err:
+            raise MetricWeightsError(str(err)) from None
+
+    @staticmethod
+    def _pixels(images: Sequence) -> list[np.ndarray]:
+        return [np.asarray(as_pil(im)) for im in images]
+
+    def embed_images(self, images: Sequence) -> torch.Tensor:
+        return self.judges.embed(self._pixels(images))
+
+    def image_similarity(self, generated: Sequence, references: Sequence) -> float:
+        return float(self.judges.subject_fidelity(self._pixels(generated), self._pixels(references)))
+
+    def text_similarity(self, images: Sequence, prompts) -> float:
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not all(isinstance(p, str) for p in prompts):  # ImageSpec targets
+            return float(self.judges.prompt_fidelity(self._pixels(images), prompts))
+        predicted = self.judges.attributes(self._pixels(images))
+        asked = [toy_prompt_attributes(p) for p in prompts]
+        return float(np.mean([all(seen.get(k) == v for k, v in want.items()) for seen, want in zip(predicted, asked)]))
+
+
+# -- tiny random encoders (tests, CPU smoke runs: the numbers mean nothing) --------------------------
+
+def tiny_dino(seed: int = 0, device=None) -> DinoMetric:
+    """DINO's code path over a tiny random ``ViTModel`` (32 px, 2 layers)."""
+    from transformers import ViTConfig, ViTModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
+    return DinoMetric(model, device)
+
+
+TINY_CLIP_CONFIG = {"embed_dim": 32, "quick_gelu": True,
+                    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def tiny_clip(seed: int = 0, device=None) -> ClipMetric:
+    """CLIP's code path over a tiny random open_clip ``CLIP`` with the real tokenizer and preprocessing."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIP(**TINY_CLIP_CONFIG)
+    preprocess = open_clip.image_transform(TINY_CLIP_CONFIG["vision_cfg"]["image_size"], is_train=False)
+    return ClipMetric(model, preprocess, open_clip.get_tokenizer(CLIP_MODEL), device)
+
+
+# -- building the metrics a benchmark asks for ------------------------------------------------------
+
+METRIC_SETS = ("dreambench", "toy", "tiny")
+
+
+def load_metrics(kind: str = "dreambench", dino_weights: Optional[str] = None, clip_weights: Optional[str] = None,
+                 judges: Optional[str] = None, device=None) -> list[SubjectMetrics]:
+    """DreamBench's DINO + CLIP metrics, the toy-world judges, or tiny random stand-ins of DINO + CLIP
+    (``tiny``: the same code paths offline, meaningless numbers). Every missing weight file is named in
+    one error."""
+    if kind == "toy":
+        return [ToyJudgeMetrics.load(judges)]
+    if kind == "tiny":
+        return [tiny_dino(device=device), tiny_clip(device=device)]
+    if kind != "dreambench":
+        raise ValueError(f"unknown metric set {kind!r}; choose from {', '.join(METRIC_SETS)}")
+    metrics, errors = [], []
+    for load in (lambda: DinoMetric.load(dino_weights, device), lambda: ClipMetric.load(clip_weights, device=device)):
+        try:
+            metrics.append(load())
+        except MetricWeightsError as err:
+            errors.append(str(err))
+    if errors:
+        raise MetricWeightsError("\n".join(errors))
+    return metrics
+
+
+def metric_names(metrics: Sequence[SubjectMetrics]) -> list[str]:
+    return [name for m in metrics for name in m.names]

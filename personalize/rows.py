@@ -1,0 +1,287 @@
+"""Rows of the benchmark table: the ways to make images of a subject.
+
+- :class:`FineTuneRow` personalizes the base model on the subject's photos with this project's trainer
+  and a recipe (``data.instance_images``, ``data.instance_prompt``, ``prior.class_prompt`` and
+  ``prior.class_images`` set per subject), then generates from the exported files with stock diffusers
+  (a pipeline folder, LoRA weights or learned embeddings);
+- a zero-shot row generates directly, given the subject's class noun and photos. Zero-shot methods are
+  registered by name with :func:`register_zero_shot` (checked, no duplicates): ``base`` (the base model
+  prompted with the class noun) and ``renders`` (toy world: real renders, the ceiling) are built in.
+
+Every row makes image ``j`` of every prompt with a CPU generator seeded ``seed + j``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from personalize.dreambench import BenchSubject
+
+if TYPE_CHECKING:
+    from personalize.harness import EvalSettings
+
+Log = Callable[[str], None]
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
+
+
+class PeakMemory:
+    """Peak memory of the block: CUDA's max allocated when on a GPU, else the process's max RSS (which
+    cannot be reset, so on a CPU it is the peak of the process so far)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda max allocated" if self.cuda else "process max RSS"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            self.mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def generate_images(pipe, texts: Sequence[str], n: int, settings: EvalSettings,
+                    resolution: Optional[int]) -> list[list[Image.Image]]:
+    """``n`` images per prompt, image ``j`` with a CPU generator seeded ``settings.seed + j``; ``resolution``
+    None = the pipeline's default (the U-Net's sample size)."""
+    jobs = [(i, text, settings.seed + j) for i, text in enumerate(texts) for j in range(n)]
+    images: list[list[Image.Image]] = [[] for _ in texts]
+    for start in range(0, len(jobs), settings.batch_size):
+        chunk = jobs[start:start + settings.batch_size]
+        out = pipe([t for _, t, _ in chunk], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                   height=resolution, width=resolution,
+                   generator=[torch.Generator().manual_seed(s) for _, _, s in chunk]).images
+        for (i, _, _), image in zip(chunk, out):
+            images[i].append(image)
+    return images
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+class Row:
+    """One row of the table. ``prepare`` personalizes (or does nothing), ``generate`` makes the images."""
+    label: str
+    kind: str
+
+    def prepare(self, subject: BenchSubject, work_dir: Path, settings: EvalSettings, log: Log) -> dict:
+        return {}
+
+    def generate(self, subject: BenchSubject, work_dir: Path, settings: EvalSettings) -> tuple[list[str], list[list]]:
+        """(the prompts as given to the model, images per prompt)."""
+        raise NotImplementedError
+
+    def cleanup(self, work_dir: Path, settings: EvalSettings) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"label": self.label, "kind": self.kind}
+
+
+class FineTuneRow(Row):
+    """Personalize with the trainer and ``recipe`` (plus ``overrides``), then generate from the export."""
+
+    kind = "fine-tune"
+
+    def __init__(self, recipe: str, overrides: Sequence[str] = (), label: Optional[str] = None):
+        from personalize.cli import resolve_recipe
+        from personalize.config import load_config
+
+        self.recipe, self.overrides = resolve_recipe(recipe), tuple(overrides)
+        self.config = load_config(self.recipe, list(self.overrides))  # refuses a bad recipe before any work
+        self.label = slug(label or self.config.method)
+        self.base = self.config.model.base
+
+    def describe(self) -> dict:
+        return {**super().describe(), "recipe": str(self.recipe), "method": self.config.method,
+                "base": self.base, "overrides": list(self.overrides)}
+
+    def placeholder(self) -> Optional[str]:
+        return getattr(self.config.method_config, "placeholder_token", None)
+
+    def words(self, subject: BenchSubject, settings: EvalSettings) -> str:
+        """How prompts name the subject: the placeholder (Textual Inversion) or "<token> <class>"."""
+        return self.placeholder() or f"{settings.token} {subject.class_noun}"
+
+    def subject_overrides(self, subject: BenchSubject, run_dir: Path, settings: EvalSettings) -> list[str]:
+        folders = {p.parent for p in subject.references}
+        if len(folders) != 1:
+            raise ValueError(f"{subject.name}: references must lie in one folder")
+        words = self.words(subject, settings)
+        class_images = (settings.out_dir / "class-images" / slug(self.base) /
+                        f"{slug(subject.class_noun)}{settings.class_images_suffix}")
+        per_subject = [f"data.instance_images={_yaml_string(folders.pop())}",
+                       f"data.instance_prompt={_yaml_string('a ' + words)}",
+                       f"prior.class_prompt={_yaml_string('a ' + subject.class_noun)}",
+                       f"prior.class_images={_yaml_string(class_images)}", f"train.output_dir={_yaml_string(run_dir)}",
+                       "train.resume=auto", "train.report_to=none", "validation.prompts=[]"]
+        if settings.resolution:
+            per_subject.append(f"data.resolution={settings.resolution}")
+        initializer = subject.class_noun.split()[-1]
+        if hasattr(self.config.method_config, "initializer_token") and _single_token(initializer):
+            per_subject.append(f"{self.config.method}.initializer_token={_yaml_string(initializer)}")
+        return [*per_subject, *self.overrides]  # the user's overrides win
+
+    def prepare(self, subject, work_dir, settings, log) -> dict:
+        from personalize.config import load_config
+        from personalize.trainer import Trainer
+
+        run_dir, done = work_dir / "run", work_dir / "train.json"
+        if done.is_file() and run_dir.is_dir():
+            log(f"{subject.name}: {self.label}: training finished earlier, reusing {run_dir}")
+            return json.loads(done.read_text())
+        config = load_config(self.recipe, self.subject_overrides(subject, run_dir, settings))
+        log(f"{subject.name}: {self.label}: training ({config.method}, {config.train.max_steps} steps) ...")
+        device = settings.torch_device()
+        start = time.perf_counter()
+        with PeakMemory(device) as peak:
+            trainer = Trainer(config)
+            trainer.train()
+        stats = {"train_seconds": time.perf_counter() - start, "train_loop_seconds": trainer.train_seconds(),
+                 "train_steps": trainer.step, "peak_memory_train_mib": peak.mib}
+        del trainer
+        _free_memory()
+        _write_json(done, stats)
+        return stats
+
+    def pipeline(self, run_dir: Path):
+        """Stock diffusers over the export: a pipeline folder, LoRA weights or learned embeddings."""
+        from personalize.generate import build_pipeline
+
+        if (run_dir / "model_index.json").is_file():
+            return build_pipeline(str(run_dir))
+        if (run_dir / "pytorch_lora_weights.safetensors").is_file():
+            return build_pipeline(self.base, lora=str(run_dir))
+        if (run_dir / "learned_embeds.safetensors").is_file():
+            return build_pipeline(self.base, embeddings=str(run_dir), token=self.placeholder())
+        files = ", ".join(sorted(p.name for p in run_dir.iterdir())) if run_dir.is_dir() else "nothing"
+        raise RuntimeError(f"{run_dir}: no exported pipeline, LoRA or embeddings to generate from (found {files})")
+
+    def generate(self, subject, work_dir, settings):
+        pipe = self.pipeline(work_dir / "run").to(settings.torch_device())
+        pipe.set_progress_bar_config(disable=True)
+        texts = [p.text(self.words(subject, settings)) for p in subject.prompts]
+        images = generate_images(pipe, texts, settings.images_per_prompt, settings,
+                                 settings.resolution or self.config.data.resolution)
+        del pipe
+        return texts, images
+
+    def cleanup(self, work_dir, settings):
+        import shutil
+
+        if not settings.keep_weights:
+            shutil.rmtree(work_dir / "run", ignore_errors=True)
+
+
+def _yaml_string(value) -> str:
+    """``value`` as an override value that YAML reads back as the same string (paths with ':' or '#')."""
+    return json.dumps(str(value))
+
+
+def _single_token(word: str) -> bool:
+    from personalize.models.tokenizer import build_clip_tokenizer
+
+    return len(build_clip_tokenizer().encode(word, add_special_tokens=False)) == 1
+
+
+ZERO_SHOT: dict[str, type] = {}
+
+
+def register_zero_shot(cls: type) -> type:
+    """Class decorator: a zero-shot row, built as ``cls(base, label)``, with ``generate`` (checked,
+    no duplicates, like methods)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
+    if name in ZERO_SHOT and ZERO_SHOT[name] is not cls:
+        raise ValueError(f"a zero-shot method named {name!r} is already registered")
+    ZERO_SHOT[name] = cls
+    return cls
+
+
+class ZeroShotRow(Row):
+    kind = "zero-shot"
+    name = ""
+
+    def __init__(self, base: Optional[str], label: Optional[str] = None):
+        self.base, self.label = base, slug(label or self.name)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "method": self.name, "base": self.base}
+
+
+@register_zero_shot
+class BaseModelRow(ZeroShotRow):
+    """The base model prompted with the class noun: what the model does without the subject."""
+
+    name = "base"
+
+    def generate(self, subject, work_dir, settings):
+        from personalize.generate import build_pipeline
+
+        if not self.base:
+            raise ValueError("the base row needs a base model (--base)")
+        pipe = build_pipeline(self.base).to(settings.torch_device())
+        texts = [p.text(subject.class_noun) for p in subject.prompts]
+        images = generate_images(pipe, texts, settings.images_per_prompt, settings, settings.resolution)
+        del pipe
+        return texts, images
+
+
+@register_zero_shot
+class ToyRendersRow(ZeroShotRow):
+    """Toy world only: real renders of the subject showing what each prompt asks (ToyBench's ceiling)."""
+
+    name = "renders"
+
+    def generate(self, subject, work_dir, settings):
+        from personalize.toyworld.world import render
+
+        if subject.toy is None:
+            raise ValueError(f"the renders row needs toy-world subjects; {subject.name} is not one")
+        n = settings.images_per_prompt
+        images = [[Image.fromarray(render(p.toy.spec(subject.toy, settings.seed + j))) for j in range(n)]
+                  for p in subject.prompts]
+        return [p.text(subject.class_noun) for p in subject.prompts], images
+
+
+def build_row(spec: str, base: Optional[str] = None, overrides: Sequence[str] = ()) -> Row:
+    """``[LABEL=]NAME``: NAME a zero-shot method (base, renders, ...) or a recipe (path or shipped name).
+    ``base`` replaces every recipe's model.base."""
+    label, _, name = spec.partition("=") if "=" in spec else (None, "", spec)
+    if name in ZERO_SHOT:
+        return ZERO_SHOT[name](base, label or None)
+    extra = [f"model.base={base}"] if base else []
+    return FineTuneRow(name, [*extra, *overrides], label or None)
