@@ -33,3 +33,16 @@ def run_training(recipe: str, tmp_path: Path, *overrides: str):
 @pytest.fixture
 def train_run():
     return run_training
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in tmp_path (the hub library reads its paths at import time)."""
+    import huggingface_hub.constants as hf_constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home

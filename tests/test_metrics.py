@@ -126,19 +126,12 @@ def test_clip_loads_an_open_clip_checkpoint_file_or_folder(tmp_path):
 
 
 @pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hf_constants
-
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+def offline_empty_hub_cache(empty_hub_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
+    return empty_hub_cache
 
 
-def test_offline_without_weights_one_clear_error(empty_hub_cache):
+def test_offline_without_weights_one_clear_error(offline_empty_hub_cache):
     start = time.monotonic()
     with pytest.raises(MetricWeightsError) as err:
         load_metrics("dreambench")
@@ -151,7 +144,7 @@ def test_offline_without_weights_one_clear_error(empty_hub_cache):
         DinoMetric.load("./no-such-folder")
 
 
-def test_cli_reports_missing_metric_weights_without_traceback(empty_hub_cache, tmp_path, capsys):
+def test_cli_reports_missing_metric_weights_without_traceback(offline_empty_hub_cache, tmp_path, capsys):
     from personalize.cli import main
 
     data = tmp_path / "bench"

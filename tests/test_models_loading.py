@@ -275,19 +275,6 @@ def test_ckpt_file_is_refused_without_allow_pickle(tmp_path):
 
 # --- hub ids, missing paths, family and prediction type ------------------------------------------
 
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache in tmp_path (the hub library reads its paths at import time)."""
-    import huggingface_hub.constants as hf_constants
-
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
-    return home
-
-
 def _load_error(base: str) -> tuple[str, float]:
     start = time.monotonic()
     with pytest.raises(ModelLoadError) as err:
