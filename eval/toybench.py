@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""ToyBench: DreamBench's protocol on held-out toy-world subjects, scored by the toy judges.
+"""ToyBench: DreamBench's protocol on held-out toy-world subjects, scored by the toy judges, on the
+evaluation harness (personalize.harness; `personalize eval ... --toy NAMES` reaches the same harness).
 
 For each selected held-out subject, each method personalizes the shipped toy model on 4 reference
 renders (with the recipes in recipes/toy/), generates 20 prompts x N images with fixed seeds, and the
-judges score subject fidelity and prompt fidelity; rows base and ceiling (real renders) are added.
-A stopped run resumes: finished (subject, method) pairs are skipped.
+judges score subject fidelity and prompt fidelity; rows base and ceiling (real renders) are added, and
+language drift (the bare class prompt after personalization) for every row with a model.
+A stopped run resumes: finished (subject, row) pairs are skipped.
 
-    python eval/toybench.py                                   # docs/toybench.md (the shipped table)
-    python eval/toybench.py --subjects zorbo --methods lora   # one subject, one method
+    python eval/toybench.py                                  # docs/toybench.md (the shipped table)
+    python eval/toybench.py --subjects zorbo --rows lora     # one subject, one row
 """
 
 from __future__ import annotations
@@ -18,30 +20,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from personalize.toyworld.toybench import run_toybench  # noqa: E402
+from personalize.toyworld.toybench import ROWS, run_toybench  # noqa: E402
 from personalize.toyworld.world import HELDOUT_NAMES  # noqa: E402
-
-METHODS = ("base", "textual_inversion", "lora", "dreambooth", "dreambooth_no_prior")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", default=",".join(HELDOUT_NAMES[:4]),
                         help=f"comma-separated held-out subjects (all: {','.join(HELDOUT_NAMES)})")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
+    parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
     parser.add_argument("--out", default="outputs/toybench", help="work folder (images, per-subject results)")
-    parser.add_argument("--doc", default="docs/toybench.md", help="markdown table written here ('' = none)")
+    parser.add_argument("--doc", default="docs/toybench.md", help="markdown report written here ('' = none)")
     args = parser.parse_args(argv)
     subjects = [s for s in args.subjects.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [s for s in subjects if s not in HELDOUT_NAMES] + [m for m in methods if m not in METHODS]
+    rows = [r for r in args.rows.split(",") if r]
+    bad = [s for s in subjects if s not in HELDOUT_NAMES] + [r for r in rows if r not in ROWS]
     if bad:
-        parser.error(f"unknown subject or method: {', '.join(bad)}")
+        parser.error(f"unknown subject or row: {', '.join(bad)}")
     command = "python eval/toybench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    run_toybench(subjects, methods, Path(args.out), n=args.n, steps=args.steps,
-                 doc=Path(args.doc) if args.doc else None, command=command.strip())
+    files = run_toybench(subjects, rows, Path(args.out), n=args.n, steps=args.steps, drift_images=args.drift_images,
+                         doc=Path(args.doc) if args.doc else None, command=command.strip())
+    print(files["markdown"].read_text())
     return 0
 
 

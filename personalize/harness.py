@@ -44,6 +44,7 @@ class EvalSettings:
     device: Optional[str] = None
     title: str = "DreamBench"
     class_images_suffix: str = ""  # set per process when several share the subjects (their own class images)
+    drift_images: int = 0  # > 0: also this many images of the bare class prompt "a {class}" (language drift)
 
     @property
     def out_dir(self) -> Path:
@@ -131,15 +132,33 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
         per_prompt.append({"index": prompt.index, "template": prompt.template, "kind": prompt.kind, "prompt": text,
                            "metric_prompt": metric_prompt, "images": paths, "scores": scores})
     names = metric_names(metrics)
+    drift = language_drift(row, subject, work_dir, settings, metrics, references) if settings.drift_images else None
     result = {"subject": subject.name, "class": subject.class_noun, "row": row.label, **row.describe(),
               **summarize_prompts(per_prompt, names), "prompts": per_prompt,
               "train_seconds": stats.get("train_seconds"), "generate_seconds": generate_seconds,
               "peak_memory_train_mib": stats.get("peak_memory_train_mib"), "peak_memory_generate_mib": peak.mib,
-              "memory": peak.kind, "device": str(device), "stats": stats}
+              "memory": peak.kind, "device": str(device), "stats": stats, **({"drift": drift} if drift else {})}
     _write_json(result_file, result)
     row.cleanup(work_dir, settings)
     log(f"{subject.name}: {row.label}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["mean"].items()))
     return result
+
+
+DRIFT_SEED_OFFSET = 1000  # the class-prompt images use seeds apart from the benchmark prompts' seeds
+
+
+def language_drift(row: Row, subject: BenchSubject, work_dir: Path, settings: EvalSettings,
+                   metrics: Sequence[SubjectMetrics], references: Sequence) -> Optional[dict]:
+    """DreamBooth's language drift: after personalization, does the bare class prompt "a {class}" still
+    give diverse instances of the class, or the subject? Per image metric: the similarity of
+    ``settings.drift_images`` class-prompt images to the subject's references (high: the class collapsed
+    onto the subject) and among themselves (high: little diversity). None for rows without a class prompt."""
+    images = row.class_prompt_images(subject, work_dir, replace(settings, seed=settings.seed + DRIFT_SEED_OFFSET))
+    if images is None:
+        return None
+    return {m.image_metric: {"to_subject": m.image_similarity(images, references),
+                             "among_themselves": m.reference_similarity(images)}
+            for m in metrics if m.image_metric}
 
 
 # -- the benchmark --------------------------------------------------------------------------------

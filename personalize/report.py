@@ -70,6 +70,11 @@ def summary(plan: dict, subjects: dict) -> dict:
             "peak_memory_generate_mib": max(r["peak_memory_generate_mib"] for r in results),
             "memory": results[0]["memory"],
         }
+        drifts = [r["drift"] for r in results if r.get("drift")]
+        if drifts:
+            table[label]["drift"] = {metric: {k: _mean([d[metric][k] for d in drifts if metric in d])
+                                              for k in ("to_subject", "among_themselves")}
+                                     for metric in drifts[0]}
     return table
 
 
@@ -103,6 +108,12 @@ def tables(plan: dict, subjects: dict, table: dict) -> list[tuple[str, list[str]
                  for label, e in table.items() for kind in KINDS if kind in e["kinds"]]
     if kind_rows:
         out.append(("By prompt kind", ["row", "kind", *cols], kind_rows))
+    drift_rows = [[label, DISPLAY_NAMES.get(metric, metric), _fmt(d["to_subject"]), _fmt(d["among_themselves"])]
+                  for label, e in table.items() for metric, d in e.get("drift", {}).items()]
+    if drift_rows:
+        out.append(('Language drift: images of the bare class prompt "a {class}" (similarity to the subject\'s '
+                     'references, and among themselves; lower = less drift, more diverse)',
+                    ["row", "metric", "to the subject", "among themselves"], drift_rows))
     subject_rows = []
     for name, s in subjects.items():
         if s["references"] and s["references"]["scores"]:
@@ -150,10 +161,15 @@ def _notes(plan: dict, subjects: dict) -> str:
     return text + f" Rows: {rows}."
 
 
-def markdown(plan: dict, subjects: dict, table: dict) -> str:
+def markdown(plan: dict, subjects: dict, table: dict, grids: Optional[dict[str, Path]] = None) -> str:
     parts = [f"# {plan['title']}", "", _notes(plan, subjects), ""]
     for heading, header, body in tables(plan, subjects, table):
         parts += [f"## {heading}", "", _markdown_table(header, body), ""]
+    if grids:
+        rows = ", ".join(r["label"] for r in plan["rows"])
+        parts += ["## Images", "", f"First line: the references; then one line per row ({rows}), the first image "
+                  "of each prompt.", ""]
+        parts += [f"![{name}]({quote(grid.as_posix())})" for name, grid in grids.items()] + [""]
     waiting = pending(plan, subjects)
     if waiting:
         parts += [f"Pending ({len(waiting)}): {', '.join(waiting)}", ""]
@@ -247,6 +263,34 @@ def html_report(plan: dict, subjects: dict, table: dict, out: Path) -> str:
             f"<style>{CSS}</style></head><body>{''.join(parts)}<p class='kind'>written {stamp}</p></body></html>")
 
 
+def png_grid(plan: dict, s: dict, out: Path, cell: int = 96) -> Optional[Path]:
+    """``grids/<subject>.png``: the references on the first line, then one line per finished row with
+    the first image of each prompt, in prompt order (``cell`` px squares; small images scale up sharply)."""
+    from PIL import Image
+
+    lines = [[out / t for t in (s["references"] or {}).get("thumbnails", [])]]
+    for row in plan["rows"]:
+        r = s["rows"].get(row["label"])
+        if r:
+            lines.append([out / p["images"][0] for p in sorted(r["prompts"], key=lambda p: p["index"]) if p["images"]])
+    lines = [line for line in lines if line]
+    if len(lines) < 2:
+        return None
+    width = max(len(line) for line in lines)
+    grid = Image.new("RGB", (cell * width, cell * len(lines)), "white")
+    for y, line in enumerate(lines):
+        for x, path in enumerate(line):
+            with Image.open(path) as image:
+                small = max(image.size) <= cell
+                tile = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST if small
+                                                   else Image.Resampling.LANCZOS)
+            grid.paste(tile, (cell * x, cell * y))
+    path = out / "grids" / f"{s['slug']}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -261,7 +305,9 @@ def write_report(out: str | Path) -> dict[str, Path]:
     results = {"title": plan["title"], "data": plan["data"], "settings": plan["settings"], "metrics": plan["metrics"],
                "rows": plan["rows"], "table": table, "pending": pending(plan, subjects), "subjects": subjects}
     files = {"json": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}
+    grids = {name: png_grid(plan, s, out) for name, s in subjects.items()}
     _write(files["json"], json.dumps(results, indent=2))
-    _write(files["markdown"], markdown(plan, subjects, table))
+    _write(files["markdown"], markdown(plan, subjects, table, {n: g.relative_to(out) for n, g in grids.items() if g}))
     _write(files["html"], html_report(plan, subjects, table, out))
+    files.update({f"grid {name}": grid for name, grid in grids.items() if grid})
     return files

@@ -103,6 +103,10 @@ class Row:
         """(the prompts as given to the model, images per prompt)."""
         raise NotImplementedError
 
+    def class_prompt_images(self, subject: BenchSubject, work_dir: Path, settings: EvalSettings) -> Optional[list]:
+        """``settings.drift_images`` images of "a {class}" (for language drift); None if the row has no model."""
+        return None
+
     def cleanup(self, work_dir: Path, settings: EvalSettings) -> None:
         pass
 
@@ -189,14 +193,19 @@ class FineTuneRow(Row):
         files = ", ".join(sorted(p.name for p in run_dir.iterdir())) if run_dir.is_dir() else "nothing"
         raise RuntimeError(f"{run_dir}: no exported pipeline, LoRA or embeddings to generate from (found {files})")
 
-    def generate(self, subject, work_dir, settings):
+    def _images(self, work_dir: Path, texts: list[str], n: int, settings: EvalSettings) -> list[list[Image.Image]]:
         pipe = self.pipeline(work_dir / "run").to(settings.torch_device())
         pipe.set_progress_bar_config(disable=True)
-        texts = [p.text(self.words(subject, settings)) for p in subject.prompts]
-        images = generate_images(pipe, texts, settings.images_per_prompt, settings,
-                                 settings.resolution or self.config.data.resolution)
+        images = generate_images(pipe, texts, n, settings, settings.resolution or self.config.data.resolution)
         del pipe
-        return texts, images
+        return images
+
+    def generate(self, subject, work_dir, settings):
+        texts = [p.text(self.words(subject, settings)) for p in subject.prompts]
+        return texts, self._images(work_dir, texts, settings.images_per_prompt, settings)
+
+    def class_prompt_images(self, subject, work_dir, settings):
+        return self._images(work_dir, [f"a {subject.class_noun}"], settings.drift_images, settings)[0]
 
     def cleanup(self, work_dir, settings):
         import shutil
@@ -248,16 +257,23 @@ class BaseModelRow(ZeroShotRow):
 
     name = "base"
 
-    def generate(self, subject, work_dir, settings):
+    def _images(self, texts: list[str], n: int, settings: EvalSettings) -> list[list[Image.Image]]:
         from personalize.generate import build_pipeline
 
         if not self.base:
             raise ValueError("the base row needs a base model (--base)")
         pipe = build_pipeline(self.base).to(settings.torch_device())
-        texts = [p.text(subject.class_noun) for p in subject.prompts]
-        images = generate_images(pipe, texts, settings.images_per_prompt, settings, settings.resolution)
+        pipe.set_progress_bar_config(disable=True)
+        images = generate_images(pipe, texts, n, settings, settings.resolution)
         del pipe
-        return texts, images
+        return images
+
+    def generate(self, subject, work_dir, settings):
+        texts = [p.text(subject.class_noun) for p in subject.prompts]
+        return texts, self._images(texts, settings.images_per_prompt, settings)
+
+    def class_prompt_images(self, subject, work_dir, settings):
+        return self._images([f"a {subject.class_noun}"], settings.drift_images, settings)[0]
 
 
 @register_zero_shot

@@ -1,32 +1,46 @@
-"""ToyBench logic with a stand-in judge: prompts, references, ceiling specs, scoring, report files."""
+"""ToyBench on the evaluation harness: prompts, references, its rows, language drift, report files."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
+import torch
+from PIL import Image
 
-from personalize.toyworld import heldout_subjects, render
+from personalize.dreambench import toy_subjects
+from personalize.harness import run_benchmark
+from personalize.metrics import SubjectMetrics, as_pil
+from personalize.rows import ToyRendersRow
+from personalize.toyworld import heldout_subjects
 from personalize.toyworld.toybench import (
-    ceiling_images, mean_rows, reference_specs, score, toybench_prompts, write_report, write_references,
+    ROWS, reference_specs, toybench_prompts, toybench_rows, toybench_settings, write_references,
 )
 
 
-class ExactJudge:
-    """Knows the answer: identity = the rendered pixels, attributes = what was asked when images match."""
+class PixelMetric(SubjectMetrics):
+    """Subject fidelity on raw pixels: identical images score 1."""
+    image_metric = "pixels"
 
-    def __init__(self, subject, prompts, n):
-        self.truth = {render(p.spec(subject, j)).tobytes(): p.spec(subject, j) for p in prompts for j in range(n)}
+    def embed_images(self, images):
+        return torch.stack([torch.as_tensor(np.array(as_pil(i).convert("RGB").resize((16, 16))),
+                                            dtype=torch.float32).flatten() - 128 for i in images])
 
-    def subject_fidelity(self, generated, references):
-        a = generated.reshape(len(generated), -1).astype(float)
-        b = references.reshape(len(references), -1).astype(float)
-        a /= np.linalg.norm(a, axis=1, keepdims=True)
-        b /= np.linalg.norm(b, axis=1, keepdims=True)
-        return float((a @ b.T).mean())
 
-    def prompt_fidelity(self, images, specs):
-        return float(np.mean([self.truth.get(image.tobytes()) == spec for image, spec in zip(images, specs)]))
+class CollapsedRow(ToyRendersRow):
+    """Generates real renders; its class prompt gives back the subject's references (total drift)."""
+
+    def class_prompt_images(self, subject, work_dir, settings):
+        return [Image.open(p) for p in subject.references]
+
+
+class DiverseRow(ToyRendersRow):
+    """Its class prompt gives unrelated random images (no drift)."""
+
+    def class_prompt_images(self, subject, work_dir, settings):
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(settings.drift_images)]
 
 
 def test_prompts_cover_dreambench_kinds_with_at_least_15_templates():
@@ -47,29 +61,29 @@ def test_references_are_fixed_renders_of_the_subject(tmp_path):
     assert len(paths) == 4 and all(p.is_file() for p in paths)
 
 
-def test_ceiling_scores_perfect_prompt_fidelity_and_report_files(tmp_path):
-    subject = heldout_subjects()[2]
-    prompts, n = toybench_prompts(subject), 2
-    references = np.stack([render(s) for s in reference_specs(subject)])
-    judge = ExactJudge(subject, prompts, n)
-    ceiling = score(judge, subject, prompts, ceiling_images(subject, prompts, n), references, n)
-    assert ceiling["prompt_fidelity"] == 1.0 and 0 < ceiling["subject_fidelity"] <= 1.0
-    noise = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(len(prompts) * n)]
-    base = score(judge, subject, prompts, noise, references, n)
-    assert base["prompt_fidelity"] == 0.0 and base["subject_fidelity"] < ceiling["subject_fidelity"]
-    assert set(ceiling) >= {"recontextualization", "accessorization", "property", "per_prompt"}
+def test_toybench_rows_are_harness_rows_with_their_recipes():
+    rows = toybench_rows(ROWS)
+    assert [r.label for r in rows] == list(ROWS)
+    by_label = {r.label: r for r in rows}
+    assert by_label["dreambooth"].config.prior.enabled and not by_label["dreambooth_no_prior"].config.prior.enabled
+    assert by_label["lora"].config.method == "lora" and by_label["base"].base == "toy"
+    assert isinstance(by_label["ceiling"], ToyRendersRow)
+    with pytest.raises(ValueError, match="unknown ToyBench rows nope"):
+        toybench_rows(["base", "nope"])
 
-    out = tmp_path / "bench"
-    write_references(subject, out / subject.name / "references")
-    (out / subject.name / "base").mkdir(parents=True)
-    from PIL import Image
 
-    for i, image in enumerate(noise):
-        Image.fromarray(image).save(out / subject.name / "base" / f"{i:03d}.png")
-    files = write_report({subject.name: {"ceiling": ceiling, "base": base}}, out, "ToyBench test")
-    assert all(path.is_file() for path in files.values())
+def test_language_drift_and_png_grids_in_the_report(tmp_path):
+    subjects = toy_subjects(["zorbo"], tmp_path / "refs", prompt_indices=[0, 9, 14])
+    rows = [CollapsedRow("toy", "collapsed"), DiverseRow("toy", "diverse"), ToyRendersRow("toy", "ceiling")]
+    settings = toybench_settings(tmp_path / "out", n=2, drift_images=4)
+    files = run_benchmark(subjects, rows, [PixelMetric()], settings, log=lambda m: None)
     table = json.loads(files["json"].read_text())["table"]
-    assert list(table) == ["ceiling", "base"] and table["ceiling"]["prompt_fidelity"] == 1.0
-    assert "| ceiling | " in files["markdown"].read_text()
-    assert (out / subject.name / "grid.png").is_file() and "grid.png" in files["html"].read_text()
-    assert mean_rows({"a": {"base": base}, "b": {"base": ceiling}})["base"]["prompt_fidelity"] == 0.5
+    collapsed, diverse = table["collapsed"]["drift"]["pixels"], table["diverse"]["drift"]["pixels"]
+    refs_vs_refs = table["real images"]["mean"]["pixels"]  # distinct pairs; the collapsed row adds identical ones
+    assert collapsed["to_subject"] == pytest.approx((12 * refs_vs_refs + 4) / 16)
+    assert collapsed["to_subject"] > diverse["to_subject"] + 0.3 and diverse["among_themselves"] < 0.2
+    assert "drift" not in table["ceiling"]  # real renders have no class prompt
+    md = files["markdown"].read_text()
+    assert "Language drift" in md and "| collapsed | pixels |" in md and "](grids/zorbo.png)" in md
+    with Image.open(files["grid zorbo"]) as grid:  # references + one line per row, one image per prompt
+        assert grid.size == (96 * 4, 96 * 4)

@@ -122,6 +122,24 @@ def test_autoencoder_trains_only_the_vae_and_exports_a_loadable_vae(tmp_path):
     assert not changed(vae, models.vae)
 
 
+def test_decoder_only_finetuning_keeps_the_latent_space(tmp_path):
+    trainer = run_training("toy/vae", tmp_path, "train.max_steps=2", "train.batch_size=2",
+                           f"data.metadata={tmp_path / 'data' / 'metadata.jsonl'}", "data.toyworld_images=8",
+                           "autoencoder.train_encoder=false", "autoencoder.scaling_images=8")
+    from personalize.toyworld.model import build_toy_init
+
+    fresh = build_toy_init()[1]["vae"]
+    vae = trainer.inference_models().vae
+    same = lambda a, b: all(torch.equal(p.float(), q.float()) for p, q in zip(a.parameters(), b.parameters()))
+    assert same(vae.encoder, fresh.encoder) and same(vae.quant_conv, fresh.quant_conv)
+    assert not same(vae.decoder, fresh.decoder)
+    assert all(p.dtype == torch.float32 for p in vae.parameters())  # the frozen encoder is exported in fp32
+    from diffusers import AutoencoderKL
+
+    exported = AutoencoderKL.from_pretrained(tmp_path / "run" / "vae")
+    assert exported.config.scaling_factor == fresh.config.scaling_factor
+
+
 def test_missing_vae_folder_is_a_clear_error(tmp_path):
     from personalize.models import ModelLoadError, load_models
 

@@ -30,6 +30,8 @@ class AutoencoderConfig:
     mse_weight: float = option(1.0, "weight of the pixel MSE term (L1 always has weight 1)")
     gradient_weight: float = option(0.5, "weight of the L1 loss on image gradients (edge sharpness)")
     scaling_images: int = option(512, "training images encoded at export to set vae.config.scaling_factor")
+    train_encoder: bool = option(True, "false: fine-tune the decoder only (as SD's ft-MSE VAE was), so the latent "
+                                       "space, its scaling_factor and any U-Net trained on it stay valid")
 
     def __post_init__(self) -> None:
         for key in ("kl_weight", "mse_weight", "gradient_weight"):
@@ -64,9 +66,16 @@ class Autoencoder(Method):
     def setup(self, models) -> None:
         super().setup(models)
         models.vae.requires_grad_(True)
+        if not self.options.train_encoder:
+            models.vae.encoder.requires_grad_(False)
+            if models.vae.quant_conv is not None:
+                models.vae.quant_conv.requires_grad_(False)
 
     def trainable_modules(self):
         return {"vae": self.models.vae}
+
+    def full_precision_modules(self):
+        return [self.models.vae]  # a frozen encoder is exported with the decoder: keep it fp32
 
     def gradient_checkpointing(self) -> None:
         _unwrap(self.models.vae).enable_gradient_checkpointing()
@@ -75,7 +84,8 @@ class Autoencoder(Method):
         vae = models.vae
         device = next(_unwrap(vae).parameters()).device
         pixels = batch["pixel_values"].to(device)
-        posterior = vae.encode(pixels).latent_dist
+        with torch.set_grad_enabled(self.options.train_encoder):
+            posterior = vae.encode(pixels).latent_dist
         eps = losses.per_sample_randn(batch["sample_seeds"], tuple(posterior.mean.shape[1:]), stream=0,
                                       device=device, dtype=posterior.mean.dtype)
         reconstruction = vae.decode(posterior.mean + posterior.std * eps).sample.float()
@@ -104,7 +114,8 @@ class Autoencoder(Method):
         vae = _unwrap(models.vae)
         device = next(vae.parameters()).device
         std = self.latent_std(vae, device)
-        vae.register_to_config(scaling_factor=1.0 / std if math.isfinite(std) and std > 0 else 1.0)
+        if self.options.train_encoder:  # a frozen encoder keeps the latent space and its scaling_factor
+            vae.register_to_config(scaling_factor=1.0 / std if math.isfinite(std) and std > 0 else 1.0)
         vae.save_pretrained(out_dir / "vae", safe_serialization=True)
         info = out_dir / "vae" / "training.json"
         info.write_text(json.dumps({"latent_std": std, "scaling_factor": vae.config.scaling_factor}, indent=2))

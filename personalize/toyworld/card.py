@@ -33,12 +33,15 @@ def ship(source: Path, target: Path = TOY_MODEL_DIR) -> Path:
 def prompt_readback(pipe, judges, n: int = 200, seed: int = 777, steps: int = 25, guidance: float = 4.0) -> dict:
     """Generate one image for each of ``n`` random captions; the fraction whose class / color / scene the
     attribute judge reads as captioned, and the same on real renders of the captions (the ceiling)."""
-    from personalize.toyworld.toybench import generate
+    from personalize.harness import EvalSettings
+    from personalize.rows import generate_images
     from personalize.toyworld.world import caption
 
     rng = np.random.default_rng([7, seed])
     specs = [sample_spec(rng, None, p_no_scene=0.0, p_accessory=0.3) for _ in range(n)]
-    generated = np.stack(generate(pipe, [caption(s) for s in specs], 1, seed=seed, steps=steps, guidance=guidance))
+    settings = EvalSettings(seed=seed, steps=steps, guidance=guidance, batch_size=40)
+    generated = np.stack([np.asarray(images[0]) for images in
+                          generate_images(pipe, [caption(s) for s in specs], 1, settings, 64)])
     real = np.stack([render(s) for s in specs])
     out = {}
     for name, images in (("generated", generated), ("real renders", real)):
