@@ -1,0 +1,147 @@
+"""Reference attention: new attention layers through which a U-Net's transformer blocks attend from
+the target's hidden states to the example features of the same resolution.
+
+They are installed the way diffusers installs IP-Adapter: the cross-attention (``attn2``) processor of
+each chosen transformer block is replaced by a :class:`ReferenceAttnProcessor` that runs the original
+processor unchanged and adds ``to_out_ref(attention(to_q(x), to_k_ref(R), to_v_ref(R)))``, where ``R``
+are the reference features. ``to_out_ref`` starts at zero, so the installed model is exactly the base
+model until it is trained. Every other attention gets a :class:`PassReference` that runs its processor
+unchanged and ignores the reference keyword (diffusers warns about keywords a processor does not take).
+
+The features reach the processors as ``cross_attention_kwargs={"reference": ReferenceFeatures(...)}``,
+so they travel with the call (gradient checkpointing re-runs blocks with the same arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK_GROUPS = ("down", "mid", "up")
+
+
+@dataclass
+class ReferenceFeatures:
+    """Example features per resolution, ``tokens[h * w] = (batch, K * h * w, channels)``, and a
+    per-sample ``mask`` (batch,) that scales the reference branch (0 = no references for that sample,
+    used for reference dropout and for the unconditional terms of guidance)."""
+    tokens: dict[int, torch.Tensor]
+    mask: Optional[torch.Tensor] = None
+
+    def for_tokens(self, sequence_length: int) -> torch.Tensor:
+        if sequence_length not in self.tokens:
+            raise KeyError(f"no reference features with {sequence_length} tokens per example (have "
+                           f"{sorted(self.tokens)}): the references and the target must have the same resolution")
+        return self.tokens[sequence_length]
+
+    def repeat(self, times: int, mask: Optional[torch.Tensor] = None) -> "ReferenceFeatures":
+        """The features for a batch repeated ``times`` (as classifier-free guidance stacks it)."""
+        return ReferenceFeatures({k: v.repeat(times, 1, 1) for k, v in self.tokens.items()}, mask)
+
+
+class PassReference:
+    """Runs the wrapped processor unchanged; takes (and ignores) the ``reference`` keyword."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 reference: Optional[ReferenceFeatures] = None, **kwargs):
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+class ReferenceAttnProcessor(nn.Module):
+    """The original cross-attention processor plus attention to the reference features."""
+
+    def __init__(self, processor, hidden_size: int, reference_dim: int, heads: int):
+        super().__init__()
+        if hidden_size % heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {heads} heads")
+        self.processor, self.heads = processor, heads
+        self.to_k_ref = nn.Linear(reference_dim, hidden_size, bias=False)
+        self.to_v_ref = nn.Linear(reference_dim, hidden_size, bias=False)
+        self.to_out_ref = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.to_out_ref.weight)  # installed = the base model, exactly
+        nn.init.zeros_(self.to_out_ref.bias)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 reference: Optional[ReferenceFeatures] = None, **kwargs):
+        out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if reference is None:
+            return out
+        x = hidden_states
+        if x.ndim == 4:  # (b, c, h, w) inputs of some blocks
+            b, c, h, w = x.shape
+            x = x.view(b, c, h * w).transpose(1, 2)
+        features = reference.for_tokens(x.shape[1]).to(x.dtype)
+        if features.shape[0] != x.shape[0]:
+            raise ValueError(f"reference features for {features.shape[0]} samples, hidden states for {x.shape[0]}")
+        b, n, _ = x.shape
+        head_dim = self.to_k_ref.out_features // self.heads
+        q = attn.to_q(x).view(b, n, self.heads, head_dim).transpose(1, 2)
+        k = self.to_k_ref(features).view(b, -1, self.heads, head_dim).transpose(1, 2)
+        v = self.to_v_ref(features).view(b, -1, self.heads, head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        ref = self.to_out_ref(attended)
+        if reference.mask is not None:
+            ref = ref * reference.mask.to(ref.dtype).view(-1, 1, 1)
+        if out.ndim == 4:
+            ref = ref.transpose(1, 2).reshape(out.shape)
+        return out + ref / attn.rescale_output_factor
+
+
+def _group(name: str) -> str:
+    return name.split(".", 1)[0].split("_")[0]  # "up_blocks.1...." -> "up", "mid_block...." -> "mid"
+
+
+def reference_layer_names(unet, groups: Sequence[str] = ("up",)) -> list[str]:
+    """The cross-attention processors (``...attn2.processor``) of the chosen block groups."""
+    bad = [g for g in groups if g not in BLOCK_GROUPS]
+    if bad or not groups:
+        raise ValueError(f"reference attention blocks {list(groups)}: choose from {', '.join(BLOCK_GROUPS)}")
+    return [name for name in unet.attn_processors if name.endswith("attn2.processor") and _group(name) in groups]
+
+
+def install_reference_attention(unet, groups: Sequence[str] = ("up",)) -> list[str]:
+    """Install reference attention in the chosen block groups (see the module docstring); returns the
+    processor names that received it. Idempotent: an already installed model is left as it is."""
+    if is_installed(unet):
+        return [n for n, p in unet.attn_processors.items() if isinstance(p, ReferenceAttnProcessor)]
+    chosen = set(reference_layer_names(unet, groups))
+    if not chosen:
+        raise ValueError(f"the U-Net has no cross-attention in its {'/'.join(groups)} blocks to add reference "
+                         "attention to")
+    modules = dict(unet.named_modules())
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        if name in chosen:
+            attn = modules[name.removesuffix(".processor")]
+            hidden = attn.to_q.in_features
+            processors[name] = ReferenceAttnProcessor(processor, hidden, hidden, attn.heads)
+        else:
+            processors[name] = PassReference(processor)
+    device, dtype = unet.device, unet.dtype
+    unet.set_attn_processor(processors)
+    for p in processors.values():
+        if isinstance(p, nn.Module):
+            p.to(device=device, dtype=dtype)
+    return sorted(chosen)
+
+
+def is_installed(unet) -> bool:
+    return any(isinstance(p, ReferenceAttnProcessor) for p in unet.attn_processors.values())
+
+
+def reference_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The weights of the installed reference layers, keyed by their place in the U-Net."""
+    return {name: param.detach().cpu().contiguous() for name, param in unet.named_parameters()
+            if ".processor." in name and name.rsplit(".", 2)[-2] in ("to_k_ref", "to_v_ref", "to_out_ref")}
+
+
+def reference_parameters(unet) -> list[nn.Parameter]:
+    return [p for name, p in unet.named_parameters()
+            if ".processor." in name and name.rsplit(".", 2)[-2] in ("to_k_ref", "to_v_ref", "to_out_ref")]

@@ -1,0 +1,174 @@
+"""The in-context model: a base U-Net, its own encoder half as the reference encoder, and the
+reference attention layers (:mod:`personalize.incontext.attention`); saving and loading the added
+weights with what they were trained on.
+
+Reference encoder: the U-Net's ``conv_in``, time embedding at a fixed reference timestep, down blocks
+and mid block, run on the *clean* latents of the K examples, each conditioned on its own caption. At
+each resolution the deepest encoder feature is kept, and the K examples' features are concatenated
+along the token axis: ``tokens[h * w]`` has shape (batch, K * h * w, channels).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from personalize.incontext.attention import (
+    ReferenceFeatures, install_reference_attention, reference_parameters, reference_state_dict,
+)
+
+WEIGHTS_NAME = "incontext_weights.safetensors"
+CONFIG_NAME = "incontext_config.json"
+
+
+class InContextLoadError(RuntimeError):
+    """In-context weights that are missing, unreadable or made for another base model."""
+
+
+@dataclass
+class InContextSpec:
+    """What the added weights need from the base model, and how they were trained."""
+    family: str = "sd"
+    blocks: list[str] = field(default_factory=lambda: ["up"])
+    num_references: int = 3  # K used in training; more at generation time only if the user allows it
+    reference_timestep: int = 0
+    unet_signature: dict = field(default_factory=dict)
+    lora: Optional[dict] = None  # peft LoraConfig fields when the U-Net also carries LoRA
+
+    @staticmethod
+    def signature(unet) -> dict:
+        c = unet.config
+        return {"block_out_channels": list(c.block_out_channels), "cross_attention_dim": c.cross_attention_dim,
+                "in_channels": c.in_channels, "down_block_types": list(c.down_block_types),
+                "up_block_types": list(c.up_block_types)}
+
+
+def encode_references(unet, latents: torch.Tensor, conditioning: dict, num_references: int,
+                      timestep: int = 0) -> ReferenceFeatures:
+    """Reference features of ``latents`` (batch * K, c, h, w; clean, in the U-Net's latent scale), each
+    conditioned on its own caption (``conditioning``: ``unet(...)`` keyword arguments for batch * K
+    samples, as :meth:`Family.unet_conditioning` makes them)."""
+    n = latents.shape[0]
+    if n % num_references:
+        raise ValueError(f"{n} reference latents are not a whole number of groups of {num_references}")
+    text = conditioning["encoder_hidden_states"]
+    added = conditioning.get("added_cond_kwargs")
+    timesteps = torch.full((n,), timestep, device=latents.device, dtype=torch.long)
+    emb = unet.time_embedding(unet.get_time_embed(sample=latents, timestep=timesteps), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added or {})
+    emb = emb + aug if aug is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    text = unet.process_encoder_hidden_states(encoder_hidden_states=text, added_cond_kwargs=added or {})
+    sample = unet.conv_in(latents)
+    deepest: dict[int, torch.Tensor] = {}
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res_samples = block(hidden_states=sample, temb=emb, encoder_hidden_states=text)
+        else:
+            sample, res_samples = block(hidden_states=sample, temb=emb)
+        for feature in res_samples:  # later features at a resolution are deeper
+            deepest[feature.shape[-2] * feature.shape[-1]] = feature
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, emb, encoder_hidden_states=text)
+        else:
+            sample = unet.mid_block(sample, emb)
+        deepest[sample.shape[-2] * sample.shape[-1]] = sample
+    batch = n // num_references
+    tokens = {}
+    for size, feature in deepest.items():
+        c = feature.shape[1]
+        tokens[size] = (feature.reshape(batch, num_references, c, size).permute(0, 1, 3, 2)
+                        .reshape(batch, num_references * size, c))
+    return ReferenceFeatures(tokens)
+
+
+def predict_noise(unet, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict,
+                  reference: Optional[ReferenceFeatures]) -> torch.Tensor:
+    """The U-Net's output for ``noisy`` with the text ``conditioning`` and the references (None: the
+    base model's prediction)."""
+    kwargs = {"cross_attention_kwargs": {"reference": reference}} if reference is not None else {}
+    return unet(noisy, timesteps, **conditioning, **kwargs).sample
+
+
+# -- the added weights on disk --------------------------------------------------------------------
+
+def save_incontext(unet, spec: InContextSpec, out_dir: str | Path) -> list[Path]:
+    """``incontext_weights.safetensors`` (reference layers, and LoRA weights if the U-Net has them)
+    and ``incontext_config.json`` (the spec, with the base U-Net's signature)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = reference_state_dict(unet)
+    if spec.lora is not None:
+        from peft.utils import get_peft_model_state_dict
+
+        state.update({f"lora.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()})
+    spec = InContextSpec(**{**asdict(spec), "unet_signature": InContextSpec.signature(unet)})
+    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "personalize-incontext"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(asdict(spec), indent=2))
+    return [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
+
+
+def read_spec(path: str | Path) -> InContextSpec:
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise InContextLoadError(f"{path}: no {CONFIG_NAME} (an in-context model folder has {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME}, written by `personalize train` with method incontext)")
+    try:
+        return InContextSpec(**json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise InContextLoadError(f"{config_file}: unreadable in-context config ({err})") from None
+
+
+def load_incontext(unet, path: str | Path, family: str) -> InContextSpec:
+    """Install reference attention (and LoRA, if it was trained with it) on ``unet`` and load the
+    weights saved in ``path``; refuses weights made for another base model family or U-Net shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    spec = read_spec(path)
+    if spec.family != family:
+        raise InContextLoadError(f"{path}: these in-context weights were trained on an {spec.family} model; the "
+                                 f"base model is {family}")
+    signature = InContextSpec.signature(unet)
+    if spec.unet_signature and spec.unet_signature != signature:
+        diff = {k: (spec.unet_signature.get(k), v) for k, v in signature.items() if spec.unet_signature.get(k) != v}
+        raise InContextLoadError(f"{path}: made for another U-Net (trained on / this base): {diff}")
+    try:
+        state = load_file(str(path / WEIGHTS_NAME))
+    except (OSError, SafetensorError) as err:
+        raise InContextLoadError(f"{path / WEIGHTS_NAME}: cannot read in-context weights ({err})") from None
+    install_reference_attention(unet, spec.blocks)
+    if spec.lora is not None:
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+
+        unet.add_adapter(LoraConfig(**spec.lora))
+        set_peft_model_state_dict(unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+    own = reference_state_dict(unet)
+    given = {k: v for k, v in state.items() if not k.startswith("lora.")}
+    if set(own) != set(given):
+        missing, extra = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+        raise InContextLoadError(f"{path / WEIGHTS_NAME}: reference layers do not match this U-Net "
+                                 f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in given.items():
+            if params[name].shape != value.shape:
+                raise InContextLoadError(f"{path / WEIGHTS_NAME}: {name} has shape {tuple(value.shape)}, this U-Net "
+                                         f"needs {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    return spec
+
+
+__all__ = ["InContextSpec", "InContextLoadError", "encode_references", "predict_noise", "save_incontext",
+           "load_incontext", "read_spec", "install_reference_attention", "reference_parameters"]

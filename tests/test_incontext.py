@@ -1,0 +1,97 @@
+"""The in-context model on tiny random U-Nets: exactness at initialization, what trains, the reference
+encoder runs once per generation, save / load of the added weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from personalize.incontext import (
+    InContextLoadError, InContextSpec, ReferenceAttnProcessor, encode_references, install_reference_attention,
+    load_incontext, predict_noise, reference_parameters, save_incontext,
+)
+from personalize.models.family import FAMILIES
+from personalize.models.tiny import build_tiny
+
+
+def tiny(name="tiny-sd"):
+    family, comps = build_tiny(name)
+    return FAMILIES[family], comps
+
+
+def conditioning(family, comps, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = comps["unet"].config.cross_attention_dim
+    text = {"prompt_embeds": torch.randn(n, 8, width, generator=g)}
+    if family.name == "sdxl":
+        text["pooled_prompt_embeds"] = torch.randn(n, 32, generator=g)
+    return family.unet_conditioning(text, {}, 64)
+
+
+def inputs(comps, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_installed_model_predicts_exactly_the_base_noise(name):
+    family, comps = tiny(name)
+    unet = comps["unet"].eval()
+    base = copy.deepcopy(unet)
+    names = install_reference_attention(unet, ["down", "mid", "up"])
+    assert names and all(isinstance(unet.attn_processors[n], ReferenceAttnProcessor) for n in names)
+    k, b = 3, 2
+    refs = encode_references(unet, torch.randn(b * k, 4, 8, 8), conditioning(family, comps, b * k, 5), k)
+    noisy, t = inputs(comps, b)
+    cond = conditioning(family, comps, b)
+    with torch.no_grad():
+        expected = base(noisy, t, **cond).sample
+        got = predict_noise(unet, noisy, t, cond, refs)
+        plain = predict_noise(unet, noisy, t, cond, None)
+    assert (got - expected).abs().max() < 1e-6 and torch.equal(plain, expected)
+    assert refs.tokens[16].shape == (b, k * 16, 64)  # 4x4 latent level: K * h * w tokens of 64 channels
+
+
+def test_trained_reference_layers_change_the_prediction_and_only_they_get_gradients():
+    family, comps = tiny()
+    unet = comps["unet"]
+    unet.requires_grad_(False)
+    install_reference_attention(unet, ["up"])
+    params = reference_parameters(unet)
+    for p in params:
+        p.requires_grad_(True)
+    k, b = 2, 2
+    refs = encode_references(unet, torch.randn(b * k, 4, 8, 8), conditioning(family, comps, b * k), k)
+    noisy, t = inputs(comps, b)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+    loss = predict_noise(unet, noisy, t, conditioning(family, comps, b), refs).pow(2).mean()
+    loss.backward()
+    trained = {id(p) for p in params}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for p in unet.parameters() if id(p) not in trained)
+
+
+def test_save_load_round_trip_and_wrong_family_is_a_clear_error(tmp_path):
+    family, comps = tiny()
+    unet = comps["unet"]
+    install_reference_attention(unet, ["up"])
+    with torch.no_grad():
+        for p in reference_parameters(unet):
+            p.normal_()
+    save_incontext(unet, InContextSpec(family="sd", blocks=["up"], num_references=3), tmp_path / "ic")
+    _, fresh = tiny()
+    spec = load_incontext(fresh["unet"], tmp_path / "ic", "sd")
+    assert spec.num_references == 3
+    for (n1, p1), (n2, p2) in zip(unet.named_parameters(), fresh["unet"].named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    _, xl = tiny("tiny-sdxl")
+    with pytest.raises(InContextLoadError, match="trained on an sd model; the base model is sdxl"):
+        load_incontext(xl["unet"], tmp_path / "ic", "sdxl")
+    with pytest.raises(InContextLoadError, match="another U-Net"):
+        load_incontext(xl["unet"], tmp_path / "ic", "sd")
+    with pytest.raises(InContextLoadError, match="no incontext_config.json"):
+        load_incontext(fresh["unet"], tmp_path, "sd")
