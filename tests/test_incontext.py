@@ -95,3 +95,63 @@ def test_save_load_round_trip_and_wrong_family_is_a_clear_error(tmp_path):
         load_incontext(xl["unet"], tmp_path / "ic", "sd")
     with pytest.raises(InContextLoadError, match="no incontext_config.json"):
         load_incontext(fresh["unet"], tmp_path, "sd")
+
+
+# -- training with the shared trainer, and generation --------------------------------------------
+
+def _changed(trainer, fresh_unet) -> set[str]:
+    unet = trainer.models.unet
+    fresh = dict(fresh_unet.named_parameters())
+    changed = set()
+    for name, p in unet.named_parameters():
+        base = fresh.get(name.replace(".base_layer", ""))  # peft keeps the wrapped weight as base_layer
+        if base is None or not torch.equal(p.detach().float(), base.detach().float()):
+            changed.add(name)
+    return changed
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_path, lora_rank):
+    trainer = train_run("tiny/incontext", tmp_path, "train.max_steps=2", f"incontext.lora_rank={lora_rank}",
+                        "train.mixed_precision=no")
+    changed = _changed(trainer, tiny()[1]["unet"])
+    ref = {n for n in changed if "_ref." in n}
+    assert ref and all(".processor." in n for n in ref)
+    others = changed - ref
+    if lora_rank:
+        assert others and all("lora_" in n for n in others)
+    else:
+        assert not others
+    spec = load_incontext(tiny()[1]["unet"], tmp_path / "run", "sd")
+    assert spec.num_references == 2 and spec.base == "tiny-sd" and (spec.lora is not None) == bool(lora_rank)
+
+
+def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
+    from PIL import Image
+
+    from personalize.incontext.pipeline import InContextPipeline, ReferenceError
+
+    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
+    pipe = InContextPipeline.from_pretrained(tmp_path / "run", base="tiny-sd")
+    calls = []
+    original = pipe.models.unet.forward
+    pipe.models.unet.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    refs = ["recipes/tiny/subject/00.png", "recipes/tiny/subject/01.png"]
+    images = pipe("a red and blue toy in the snow", refs, ["a toy on grass", "a toy in the snow"], num_images=2,
+                  steps=3)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert pipe.reference_encodings == 1 and len(calls) == 3  # one U-Net call per step, references encoded once
+    again = pipe("a red and blue toy in the snow", refs, ["a toy on grass", "a toy in the snow"], num_images=2, steps=3)
+    assert all((a.tobytes() == b.tobytes()) for a, b in zip(images, again))  # seeded
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ReferenceError, match="bad.png"):
+        pipe("x", [refs[0], str(bad)])
+    with pytest.raises(ReferenceError, match="no reference images"):
+        pipe("x", [])
+    with pytest.raises(ReferenceError, match="trained with at most 2"):
+        pipe("x", refs + refs[:1])
+    assert len(pipe("x", refs + refs[:1], allow_more_references=True, steps=2)) == 1
+    with pytest.raises(ReferenceError, match="2 reference images but 1 reference captions"):
+        pipe("x", refs, ["one caption"])
+    assert len(pipe("x", [Image.open(refs[0])], steps=2)) == 1  # PIL images work too

@@ -160,9 +160,12 @@ def collate(items: list[dict]) -> dict:
         "crop_top_left": torch.tensor([it["crop_top_left"] for it in flat]),
         "num_instance": len(items),
     }
-    for key in ("pixel_values", "latent_mean", "latent_std"):
+    for key in ("pixel_values", "latent_mean", "latent_std",  # in-context samples: (batch, K, ...) examples
+                "reference_pixel_values", "reference_latent_mean", "reference_latent_std"):
         if key in flat[0]:
             batch[key] = torch.stack([it[key] for it in flat])
+    if "reference_prompts" in flat[0]:
+        batch["reference_prompts"] = [p for it in flat for p in it["reference_prompts"]]
     return batch
 
 

@@ -38,6 +38,7 @@ class InContextSpec:
     reference_timestep: int = 0
     unet_signature: dict = field(default_factory=dict)
     lora: Optional[dict] = None  # peft LoraConfig fields when the U-Net also carries LoRA
+    base: Optional[str] = None  # the base model it was trained on (personalize zero-shot's default)
 
     @staticmethod
     def signature(unet) -> dict:

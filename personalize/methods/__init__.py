@@ -42,4 +42,6 @@ def get_method_class(name: str) -> type:
 
 
 def _load_builtin_methods() -> None:
-    from personalize.methods import autoencoder, dreambooth, lora, text2image, textual_inversion  # noqa: F401
+    from personalize.methods import (  # noqa: F401
+        autoencoder, dreambooth, incontext, lora, text2image, textual_inversion,
+    )

@@ -1,0 +1,152 @@
+"""In-context subject generation (SuTI / Re-Imagen style): train reference attention (and optionally
+LoRA on the U-Net) so that the model, shown K example image-caption pairs of a subject, generates that
+subject for a new prompt with no per-subject training.
+
+Each sample is a target of a cluster (``incontext.manifest``, see :mod:`personalize.data.clusters`)
+with K other members as examples. The examples' clean latents go through the U-Net's own encoder
+half (each with its own caption); the target is denoised with reference attention to those features.
+Text and references are dropped independently (``text_dropout``, ``reference_dropout``) so that
+sampling can guide on each (:class:`personalize.incontext.pipeline.InContextPipeline`).
+Exports ``incontext_weights.safetensors`` + ``incontext_config.json`` for ``personalize zero-shot``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from personalize import losses
+from personalize.config import ConfigError, option
+from personalize.data.clusters import ClusterDataset, read_manifest
+from personalize.incontext.attention import BLOCK_GROUPS, install_reference_attention, reference_parameters
+from personalize.incontext.model import InContextSpec, encode_references, predict_noise, save_incontext
+from personalize.methods import register_method
+from personalize.methods.base import Method, _unwrap
+
+
+@dataclass
+class InContextConfig:
+    manifest: Optional[str] = option(None, "JSONL of cluster records {cluster, file_name, text[, context]}")
+    num_references: int = option(3, "K: examples shown with each target")
+    blocks: list[str] = option(["up"], "U-Net block groups that get reference attention: down, mid, up")
+    reference_timestep: int = option(0, "timestep at which the reference encoder sees the clean example latents")
+    text_dropout: float = option(0.1, "probability of training a sample without its prompt (text guidance)")
+    reference_dropout: float = option(0.1, "probability of training a sample without references (reference guidance)")
+    lora_rank: int = option(0, "0: base frozen, only the new layers train; > 0: also LoRA of this rank on the U-Net")
+    lora_learning_rate: Optional[float] = option(None, "LoRA learning rate (default: train.learning_rate)")
+
+    def __post_init__(self) -> None:
+        if self.num_references < 1:
+            raise ConfigError(f"incontext.num_references: must be >= 1, got {self.num_references}")
+        bad = [b for b in self.blocks if b not in BLOCK_GROUPS]
+        if bad or not self.blocks:
+            raise ConfigError(f"incontext.blocks: {self.blocks}; choose from {', '.join(BLOCK_GROUPS)}")
+        for key in ("text_dropout", "reference_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"incontext.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"incontext.lora_rank: must be >= 0, got {self.lora_rank}")
+
+
+def _keep_references(seeds: list[int], p: float) -> torch.Tensor:
+    """Per-sample reference mask from the sample seeds (1 = keep the references)."""
+    return torch.tensor([float(random.Random(s * 7 + 3).random() >= p) for s in seeds])
+
+
+@register_method
+class InContext(Method):
+    name = "incontext"
+    config_cls = InContextConfig
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        if not config.method_config.manifest:
+            raise ConfigError("incontext.manifest: the in-context method trains on a cluster manifest (JSONL); "
+                              "make one with data_tools/build_clusters.py or data_tools/toy_clusters.py")
+        if config.validation.prompts:
+            raise ConfigError("validation.prompts: in-context validation needs reference images; set "
+                              "validation.prompts=[] and use personalize zero-shot on the output")
+
+    def lora_config(self) -> Optional[dict]:
+        if not self.options.lora_rank:
+            return None
+        from personalize.methods.lora import UNET_ATTENTION
+
+        return {"r": self.options.lora_rank, "lora_alpha": self.options.lora_rank, "init_lora_weights": "gaussian",
+                "target_modules": list(UNET_ATTENTION)}
+
+    def setup(self, models) -> None:
+        super().setup(models)
+        install_reference_attention(models.unet, self.options.blocks)
+        lora = self.lora_config()
+        if lora is not None:
+            from peft import LoraConfig
+
+            models.unet.add_adapter(LoraConfig(**lora))
+        for p in reference_parameters(models.unet):
+            p.requires_grad_(True)
+
+    def trainable_modules(self):
+        return {"unet": self.models.unet}
+
+    def trainable_parameters(self):
+        unet = _unwrap(self.models.unet)
+        new = reference_parameters(unet)
+        groups = [{"params": new}]
+        if self.options.lora_rank:
+            ids = {id(p) for p in new}
+            lora = [p for p in unet.parameters() if p.requires_grad and id(p) not in ids]
+            groups.append({"params": lora, "lr": self.options.lora_learning_rate or self.config.train.learning_rate})
+        return groups
+
+    def dataset(self):
+        data = self.config.data
+        return ClusterDataset(read_manifest(self.options.manifest), self.options.num_references, data.resolution,
+                              caption_dropout=self.options.text_dropout, random_flip=data.random_flip)
+
+    def spec(self) -> InContextSpec:
+        return InContextSpec(family=self.models.family.name, blocks=list(self.options.blocks),
+                             num_references=self.options.num_references,
+                             reference_timestep=self.options.reference_timestep, lora=self.lora_config(),
+                             base=self.models.source)
+
+    def _latents(self, batch: dict, prefix: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if f"{prefix}latent_mean" in batch:
+            return batch[f"{prefix}latent_mean"].to(device).float(), batch[f"{prefix}latent_std"].to(device).float()
+        pixels = batch[f"{prefix}pixel_values"].to(device)
+        shape = pixels.shape
+        with torch.no_grad():
+            mean, std = self.models.encode_images(pixels.flatten(0, len(shape) - 4))
+        return mean.float().view(*shape[:-3], *mean.shape[1:]), std.float().view(*shape[:-3], *std.shape[1:])
+
+    def loss(self, batch: dict, models) -> dict[str, torch.Tensor]:
+        train, o = self.config.train, self.options
+        unet, scheduler, seeds = models.unet, models.noise_scheduler, batch["sample_seeds"]
+        device = next(_unwrap(unet).parameters()).device
+        mean, std = self._latents(batch, "", device)
+        ref_latents = self._latents(batch, "reference_", device)[0].flatten(0, 1)  # clean: posterior means
+        latents = mean + std * losses.per_sample_randn(seeds, tuple(mean.shape[1:]), stream=0, device=device)
+        noise = losses.sample_noise(seeds, latents, train.noise_offset)
+        timesteps = losses.sample_timesteps(seeds, scheduler.config.num_train_timesteps, device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        resolution = self.config.data.resolution
+        conditioning = models.family.unet_conditioning(self.encode_prompts(batch["prompts"], device), batch, resolution)
+        ref_conditioning = models.family.unet_conditioning(
+            self.encode_prompts(batch["reference_prompts"], device), {}, resolution)
+        with torch.set_grad_enabled(bool(o.lora_rank)):  # a frozen encoder needs no graph
+            reference = encode_references(_unwrap(unet), ref_latents, ref_conditioning, o.num_references,
+                                          o.reference_timestep)
+        reference.mask = _keep_references(seeds, o.reference_dropout).to(device)
+        prediction = predict_noise(unet, noisy, timesteps, conditioning, reference)
+        target = losses.diffusion_target(scheduler, latents, noise, timesteps)
+        mse = losses.per_sample_mse(prediction, target)
+        weights = losses.min_snr_weights(scheduler, timesteps, train.snr_gamma) if train.snr_gamma else None
+        return {"diffusion_loss": losses.weighted_mean(mse, weights)}
+
+    def export(self, models, out_dir: Path) -> list[Path]:
+        return save_incontext(_unwrap(models.unet), self.spec(), out_dir)
