@@ -3,6 +3,7 @@
     personalize train RECIPE [section.key=value ...]
     personalize generate --base MODEL [--lora DIR] [--embeddings FILE --token T] --prompt "..." -n 4
     personalize eval RECIPE|base [...] --data DREAMBENCH_FOLDER | --toy SUBJECTS   (see docs/evaluation.md)
+    personalize zero-shot --refs a.png b.png c.png --prompt "..."   (in-context model, no training)
     personalize recipes
 """
 
@@ -85,6 +86,12 @@ def cmd_eval(args) -> int:
     return run(args)
 
 
+def cmd_zero_shot(args) -> int:
+    from personalize.incontext.zero_shot import run
+
+    return run(args)
+
+
 def cmd_recipes(args) -> int:
     for path in shipped_recipes():
         first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
@@ -143,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=eval_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    from personalize.incontext.zero_shot import __doc__ as zero_shot_doc, add_arguments as add_zero_shot_arguments
+
+    p = sub.add_parser("zero-shot", help="generate a subject from reference photos with an in-context model",
+                       description=zero_shot_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_zero_shot_arguments(p)
+    p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)

@@ -66,6 +66,10 @@ class BenchSubject:
     prompts: list[EvalPrompt]
     live: bool = False
     toy: Any = None  # personalize.toyworld.Subject for toy-world subjects
+    reference_captions: Optional[list[str]] = None  # what each reference shows (in-context rows); None: "a {class}"
+
+    def captions(self) -> list[str]:
+        return self.reference_captions or [f"a photo of a {self.class_noun}"] * len(self.references)
 
     @property
     def slug(self) -> str:
@@ -148,8 +152,8 @@ def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optio
                  n_references: int = 4) -> list[BenchSubject]:
     """Held-out toy-world subjects as benchmark subjects: their reference renders are written to
     ``folder/<name>/`` and their prompts are ToyBench's (same kinds as DreamBench)."""
-    from personalize.toyworld.toybench import toybench_prompts, write_references
-    from personalize.toyworld.world import heldout_subjects
+    from personalize.toyworld.toybench import reference_specs, toybench_prompts, write_references
+    from personalize.toyworld.world import caption, heldout_subjects
 
     by_name = {s.name: s for s in heldout_subjects()}
     unknown = [n for n in names if n not in by_name]
@@ -162,7 +166,8 @@ def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optio
         prompts = [EvalPrompt(p.index, p.template, p.kind, toy_prompts[p.index])
                    for p in _select_prompts([t.template for t in toy_prompts], prompt_indices)]
         references = write_references(subject, Path(folder) / name, n_references)
-        out.append(BenchSubject(name, subject.cls, references, prompts, toy=subject))
+        captions = [caption(spec) for spec in reference_specs(subject, n_references)]
+        out.append(BenchSubject(name, subject.cls, references, prompts, toy=subject, reference_captions=captions))
     return out
 
 

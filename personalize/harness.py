@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from personalize.dreambench import BenchSubject, LaunchState, shard
-from personalize.metrics import SubjectMetrics, metric_names
+from personalize.metrics import SubjectMetrics, copy_paste_rate, metric_names
 from personalize.rows import Log, PeakMemory, Row, _free_memory, _write_json
 
 logger = logging.getLogger("personalize.eval")
@@ -37,6 +37,7 @@ class EvalSettings:
     seed: int = 0
     steps: int = 50
     guidance: float = 7.5
+    ref_guidance: float = 2.0  # in-context rows: the reference guidance scale (guidance is the text scale)
     batch_size: int = 8
     resolution: Optional[int] = None  # default: the recipe's data.resolution (zero-shot rows: the model's own)
     token: str = "sks"  # DreamBooth / LoRA's unique identifier; Textual Inversion uses its placeholder
@@ -132,12 +133,14 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
         per_prompt.append({"index": prompt.index, "template": prompt.template, "kind": prompt.kind, "prompt": text,
                            "metric_prompt": metric_prompt, "images": paths, "scores": scores})
     names = metric_names(metrics)
+    copy_paste = copy_paste_rate([im for group in images for im in group], references)
     drift = language_drift(row, subject, work_dir, settings, metrics, references) if settings.drift_images else None
     result = {"subject": subject.name, "class": subject.class_noun, "row": row.label, **row.describe(),
               **summarize_prompts(per_prompt, names), "prompts": per_prompt,
               "train_seconds": stats.get("train_seconds"), "generate_seconds": generate_seconds,
               "peak_memory_train_mib": stats.get("peak_memory_train_mib"), "peak_memory_generate_mib": peak.mib,
-              "memory": peak.kind, "device": str(device), "stats": stats, **({"drift": drift} if drift else {})}
+              "memory": peak.kind, "device": str(device), "stats": stats, "copy_paste_rate": copy_paste,
+              **({"drift": drift} if drift else {})}
     _write_json(result_file, result)
     row.cleanup(work_dir, settings)
     log(f"{subject.name}: {row.label}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["mean"].items()))

@@ -59,6 +59,22 @@ def pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False
     return float(sims.mean())
 
 
+def copy_paste_rate(generated: Sequence, references: Sequence, psnr_db: float = 20.0, size: int = 32) -> float:
+    """The fraction of generated images that are near-duplicates of a reference (SuTI's copy-paste
+    failure): PSNR >= ``psnr_db`` against some reference (or its mirror image), both resized to ``size``
+    px. A subject shown in a new context differs from every reference in its background, so it scores
+    far below; a copy of a reference scores far above."""
+    def pixels(images):
+        return torch.stack([torch.from_numpy(np.asarray(as_pil(i).resize((size, size), Image.Resampling.BOX),
+                                                        dtype=np.float32)) for i in images])
+
+    gen, refs = pixels(generated), pixels(references)
+    refs = torch.cat([refs, refs.flip(2)])  # mirrored references too (training and sampling may flip)
+    mse = ((gen[:, None] - refs[None]) ** 2).flatten(2).mean(-1)  # (generated, references)
+    psnr = 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
+    return float((psnr.max(dim=1).values >= psnr_db).float().mean())
+
+
 def as_pil(image) -> Image.Image:
     """A PIL image from a PIL image, a path or uint8 pixels (H, W, 3)."""
     if isinstance(image, Image.Image):

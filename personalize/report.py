@@ -69,6 +69,7 @@ def summary(plan: dict, subjects: dict) -> dict:
             "peak_memory_train_mib": max((r["peak_memory_train_mib"] or 0 for r in results), default=0) or None,
             "peak_memory_generate_mib": max(r["peak_memory_generate_mib"] for r in results),
             "memory": results[0]["memory"],
+            "copy_paste_rate": _mean([r.get("copy_paste_rate") for r in results]),
         }
         drifts = [r["drift"] for r in results if r.get("drift")]
         if drifts:
@@ -100,9 +101,9 @@ def tables(plan: dict, subjects: dict, table: dict) -> list[tuple[str, list[str]
         times = [_fmt(e.get("train_seconds"), 1), _fmt(e.get("generate_seconds"), 1),
                  _fmt(e.get("peak_memory_train_mib"), 0), _fmt(e.get("peak_memory_generate_mib"), 0)]
         mean_rows.append([label, str(e["subjects"]), *[_fmt(e["mean"][k]) for k in names],
-                          *(times if label != REAL else ["–"] * 4)])
+                          _fmt(e.get("copy_paste_rate"), 2), *(times if label != REAL else ["–"] * 4)])
     memory = next((e["memory"] for e in table.values() if "memory" in e), "")
-    out = [(f"Mean over subjects", ["row", "subjects", *cols, "train s", "generate s",
+    out = [(f"Mean over subjects", ["row", "subjects", *cols, "copy-paste", "train s", "generate s",
                                     f"peak train MiB", f"peak generate MiB"], mean_rows)]
     kind_rows = [[label, KIND_NAMES[kind], *[_fmt(e["kinds"][kind][k]) for k in names]]
                  for label, e in table.items() for kind in KINDS if kind in e["kinds"]]
@@ -153,7 +154,8 @@ def _notes(plan: dict, subjects: dict) -> str:
             f"{s['images_per_prompt']} images, seeds {s['seed']}..{s['seed'] + s['images_per_prompt'] - 1}, "
             f"{s['steps']} sampling steps, guidance {s['guidance']}. Image metrics: mean cosine over all "
             f"(generated, real) pairs of a subject; text metrics: image vs the prompt with the class noun and no "
-            f"unique token. The real-images row compares each subject's photos with each other.")
+            f"unique token. The real-images row compares each subject's photos with each other. Copy-paste: the "
+            f"fraction of images that are near-duplicates of a reference (PSNR >= 20 dB at 32 px).")
     if plan.get("data"):
         text = f"Data: `{plan['data']}`. " + text
     rows = "; ".join(f"{r['label']}: {r['kind']}" + (f" with `{Path(r['recipe']).name}`" if r.get("recipe") else "")

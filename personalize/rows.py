@@ -229,8 +229,8 @@ ZERO_SHOT: dict[str, type] = {}
 
 
 def register_zero_shot(cls: type) -> type:
-    """Class decorator: a zero-shot row, built as ``cls(base, label)``, with ``generate`` (checked,
-    no duplicates, like methods)."""
+    """Class decorator: a zero-shot row, built as ``cls(base, label, arg)`` (``arg``: what follows
+    ``NAME:`` in the row spec, e.g. a model folder), with ``generate`` (checked, no duplicates, like methods)."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
@@ -244,8 +244,8 @@ class ZeroShotRow(Row):
     kind = "zero-shot"
     name = ""
 
-    def __init__(self, base: Optional[str], label: Optional[str] = None):
-        self.base, self.label = base, slug(label or self.name)
+    def __init__(self, base: Optional[str], label: Optional[str] = None, arg: Optional[str] = None):
+        self.base, self.label, self.arg = base, slug(label or self.name), arg
 
     def describe(self) -> dict:
         return {**super().describe(), "method": self.name, "base": self.base}
@@ -293,11 +293,43 @@ class ToyRendersRow(ZeroShotRow):
         return [p.text(subject.class_noun) for p in subject.prompts], images
 
 
+@register_zero_shot
+class InContextRow(ZeroShotRow):
+    """The in-context model (``incontext:FOLDER``, the output of ``personalize train`` with method
+    incontext): generates from the subject's references directly, no training. Guidance: the harness's
+    ``guidance`` on text, ``ref_guidance`` on the references."""
+
+    name = "incontext"
+
+    def __init__(self, base, label=None, arg=None):
+        super().__init__(base, label, arg)
+        if not arg:
+            raise ValueError("the incontext row needs its model folder: incontext:FOLDER")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "model": self.arg}
+
+    def generate(self, subject, work_dir, settings):
+        from personalize.incontext.model import read_spec
+        from personalize.incontext.pipeline import InContextPipeline
+
+        spec = read_spec(self.arg)
+        pipe = InContextPipeline.from_pretrained(self.arg, base=self.base or spec.base,
+                                                 device=settings.torch_device())
+        k = spec.num_references
+        texts = [p.text(subject.class_noun) for p in subject.prompts]
+        images = [pipe(text, subject.references[:k], subject.captions()[:k], num_images=settings.images_per_prompt,
+                       text_scale=settings.guidance, ref_scale=settings.ref_guidance, steps=settings.steps,
+                       seed=settings.seed) for text in texts]
+        return texts, images
+
+
 def build_row(spec: str, base: Optional[str] = None, overrides: Sequence[str] = ()) -> Row:
-    """``[LABEL=]NAME``: NAME a zero-shot method (base, renders, ...) or a recipe (path or shipped name).
-    ``base`` replaces every recipe's model.base."""
+    """``[LABEL=]NAME[:ARG]``: NAME a zero-shot method (base, renders, incontext:FOLDER, ...) or a recipe
+    (path or shipped name). ``base`` replaces every recipe's model.base."""
     label, _, name = spec.partition("=") if "=" in spec else (None, "", spec)
-    if name in ZERO_SHOT:
-        return ZERO_SHOT[name](base, label or None)
+    zero_shot, _, arg = name.partition(":")
+    if zero_shot in ZERO_SHOT:
+        return ZERO_SHOT[zero_shot](base, label or None, arg or None)
     extra = [f"model.base={base}"] if base else []
     return FineTuneRow(name, [*extra, *overrides], label or None)

@@ -4,6 +4,7 @@ encoder runs once per generation, save / load of the added weights."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_
 def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
     from PIL import Image
 
-    from personalize.incontext.pipeline import InContextPipeline, ReferenceError
+    from personalize.incontext.pipeline import InContextPipeline, ReferenceImageError
 
     train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
     pipe = InContextPipeline.from_pretrained(tmp_path / "run", base="tiny-sd")
@@ -145,13 +146,61 @@ def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
     assert all((a.tobytes() == b.tobytes()) for a, b in zip(images, again))  # seeded
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ReferenceError, match="bad.png"):
+    with pytest.raises(ReferenceImageError, match="bad.png"):
         pipe("x", [refs[0], str(bad)])
-    with pytest.raises(ReferenceError, match="no reference images"):
+    with pytest.raises(ReferenceImageError, match="no reference images"):
         pipe("x", [])
-    with pytest.raises(ReferenceError, match="trained with at most 2"):
+    with pytest.raises(ReferenceImageError, match="trained with at most 2"):
         pipe("x", refs + refs[:1])
     assert len(pipe("x", refs + refs[:1], allow_more_references=True, steps=2)) == 1
-    with pytest.raises(ReferenceError, match="2 reference images but 1 reference captions"):
+    with pytest.raises(ReferenceImageError, match="2 reference images but 1 reference captions"):
         pipe("x", refs, ["one caption"])
     assert len(pipe("x", [Image.open(refs[0])], steps=2)) == 1  # PIL images work too
+
+
+def test_copy_paste_rate_flags_near_duplicates_of_references():
+    import numpy as np
+
+    from personalize.metrics import copy_paste_rate
+
+    rng = np.random.default_rng(0)
+    refs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    noisy_copy = np.clip(refs[1].astype(int) + rng.integers(-3, 4, (64, 64, 3)), 0, 255).astype(np.uint8)
+    others = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    assert copy_paste_rate([noisy_copy, refs[2][:, ::-1], *others[:2]], refs) == 0.5  # a copy and a mirrored copy
+    assert copy_paste_rate(others, refs) == 0.0
+
+
+def test_incontext_row_in_the_harness(train_run, tmp_path):
+    import json
+
+    from personalize.dreambench import BenchSubject, EvalPrompt, LaunchState
+    from personalize.harness import EvalSettings, run_benchmark
+    from personalize.metrics import load_metrics
+    from personalize.rows import build_row
+
+    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
+    refs = sorted(Path("recipes/tiny/subject").glob("*.png"))[:3]
+    subject = BenchSubject("toy", "toy", refs, [EvalPrompt(0, "a {} in the snow", "recontextualization")])
+    row = build_row(f"incontext:{tmp_path / 'run'}")
+    settings = EvalSettings(out=str(tmp_path / "eval"), images_per_prompt=2, steps=2, guidance=3.0)
+    files = run_benchmark([subject], [row], load_metrics("tiny"), settings, state=LaunchState(), log=lambda m: None)
+    result = json.loads(files["json"].read_text())
+    entry = result["table"]["incontext"]
+    assert entry["subjects"] == 1 and 0.0 <= entry["copy_paste_rate"] <= 1.0 and entry["train_seconds"] is None
+    assert result["rows"][0]["model"] == str(tmp_path / "run")
+    with pytest.raises(ValueError, match="incontext:FOLDER"):
+        build_row("incontext")
+
+
+def test_zero_shot_command_writes_images_and_reports_bad_references(train_run, tmp_path, capsys):
+    from personalize.cli import main
+
+    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
+    refs = ["recipes/tiny/subject/00.png", "recipes/tiny/subject/01.png"]
+    out = tmp_path / "zs"
+    args = ["zero-shot", "--model", str(tmp_path / "run"), "--refs", *refs, "--prompt", "a toy in the snow",
+            "-n", "2", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0 and (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 2
+    assert main([*args[:4], "missing.png", "--prompt", "x", "--out", str(out)]) == 2
+    assert "missing.png" in capsys.readouterr().err

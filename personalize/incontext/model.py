@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from personalize.models.loading import ModelLoadError
 from personalize.incontext.attention import (
     ReferenceFeatures, install_reference_attention, reference_parameters, reference_state_dict,
 )
@@ -25,7 +26,7 @@ WEIGHTS_NAME = "incontext_weights.safetensors"
 CONFIG_NAME = "incontext_config.json"
 
 
-class InContextLoadError(RuntimeError):
+class InContextLoadError(ModelLoadError):
     """In-context weights that are missing, unreadable or made for another base model."""
 
 

@@ -18,27 +18,28 @@ import numpy as np
 import torch
 from PIL import Image
 
+from personalize.data.images import DataError
 from personalize.incontext.attention import ReferenceFeatures
 from personalize.incontext.model import InContextSpec, encode_references, load_incontext, predict_noise
 
 
-class ReferenceError(ValueError):
+class ReferenceImageError(DataError):
     """Reference images or captions that cannot be used; the message says which and why."""
 
 
 def load_references(images: Sequence, captions: Optional[Sequence[str]], spec: InContextSpec,
                     allow_more: bool = False, default_caption: str = "a photo") -> tuple[list[Image.Image], list[str]]:
     """Check and read the references: paths or PIL images; captions one per image (or None: the default)."""
-    from personalize.data.images import DataError, load_image
+    from personalize.data.images import load_image
 
     if not images:
-        raise ReferenceError("no reference images: give 1 or more (the model was trained with "
+        raise ReferenceImageError("no reference images: give 1 or more (the model was trained with "
                              f"{spec.num_references})")
     if len(images) > spec.num_references and not allow_more:
-        raise ReferenceError(f"{len(images)} reference images, but this model was trained with at most "
+        raise ReferenceImageError(f"{len(images)} reference images, but this model was trained with at most "
                              f"{spec.num_references}; pass fewer, or allow more (--allow-more-references)")
     if captions is not None and len(captions) != len(images):
-        raise ReferenceError(f"{len(images)} reference images but {len(captions)} reference captions: give one "
+        raise ReferenceImageError(f"{len(images)} reference images but {len(captions)} reference captions: give one "
                              "caption per image, in the same order")
     loaded = []
     for item in images:
@@ -48,7 +49,7 @@ def load_references(images: Sequence, captions: Optional[Sequence[str]], spec: I
         try:
             loaded.append(load_image(Path(item)))
         except DataError as err:
-            raise ReferenceError(f"reference image {item}: {err}") from None
+            raise ReferenceImageError(f"reference image {item}: {err}") from None
     return loaded, list(captions) if captions is not None else [default_caption] * len(loaded)
 
 

@@ -38,6 +38,10 @@ class InContextConfig:
     reference_dropout: float = option(0.1, "probability of training a sample without references (reference guidance)")
     lora_rank: int = option(0, "0: base frozen, only the new layers train; > 0: also LoRA of this rank on the U-Net")
     lora_learning_rate: Optional[float] = option(None, "LoRA learning rate (default: train.learning_rate)")
+    toyworld_subjects: int = option(0, "render this many toy-world training subjects as clusters into the "
+                                       "manifest's folder if the manifest is missing")
+    toyworld_per_subject: int = option(6, "renders per toy-world subject (distinct contexts)")
+    toyworld_seed: int = option(0, "seed of the rendered toy-world clusters")
 
     def __post_init__(self) -> None:
         if self.num_references < 1:
@@ -106,6 +110,11 @@ class InContext(Method):
 
     def dataset(self):
         data = self.config.data
+        if self.options.toyworld_subjects:
+            from personalize.toyworld.clusters import render_clusters
+
+            render_clusters(self.options.manifest, self.options.toyworld_subjects, self.options.toyworld_per_subject,
+                            self.options.toyworld_seed, progress=self.config.train.progress_bar)
         return ClusterDataset(read_manifest(self.options.manifest), self.options.num_references, data.resolution,
                               caption_dropout=self.options.text_dropout, random_flip=data.random_flip)
 
