@@ -296,3 +296,36 @@ def test_script_reports_user_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert script.main([str(tmp_path), str(tmp_path / "m.jsonl"), "--clip-weights", str(tmp_path / "no.pt")]) == 2
     assert f"--clip-weights: {tmp_path / 'no.pt'} does not exist" in capsys.readouterr().err
+
+
+def test_apprenticeship_keeps_the_best_generations_and_resumes(tmp_path, monkeypatch):
+    """Experts (tiny LoRA, 2 steps) per cluster; the output manifest has the cluster images as examples and
+    the best quarter of the generations as targets; a rerun trains nothing."""
+    import shutil
+
+    from personalize.data.apprenticeship import ApprenticeshipSettings, run_apprenticeship
+    from personalize.data.clusters import ClusterDataset, ClusterRecord, read_manifest, write_manifest
+    from personalize.metrics import load_metrics
+
+    subject = Path("recipes/tiny/subject")
+    records = []
+    for c in ("a", "b"):
+        for i, image in enumerate(sorted(subject.glob("*.png"))[:3]):
+            (tmp_path / "src").mkdir(exist_ok=True)
+            shutil.copyfile(image, tmp_path / "src" / f"{c}{i}.png")
+            records.append(ClusterRecord(c, tmp_path / "src" / f"{c}{i}.png", "a toy", f"ctx{i}", "toy"))
+    manifest = write_manifest(records, tmp_path / "src" / "manifest.jsonl")
+    settings = ApprenticeshipSettings(out=str(tmp_path / "out"), expert_recipe="tiny/lora",
+                                      templates=("a {} in the snow", "a {} on the beach"), images_per_prompt=2,
+                                      keep_fraction=0.25, steps=2, overrides=("train.max_steps=2", "prior.enabled=false",
+                                                                              "train.progress_bar=false"))
+    out = run_apprenticeship(manifest, settings, load_metrics("tiny"), log=lambda m: None)
+    written = read_manifest(out)
+    assert [r.role for r in written].count("example") == 6 and [r.role for r in written].count("target") == 2
+    target = next(r for r in written if r.role == "target")
+    assert target.path.is_file() and target.text in ("a toy in the snow", "a toy on the beach")
+    assert ClusterDataset(written, 2, 64).stats["targets"] == 2  # only generations are targets
+    from personalize import trainer
+
+    monkeypatch.setattr(trainer.Trainer, "train", lambda self: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert read_manifest(run_apprenticeship(manifest, settings, load_metrics("tiny"), log=lambda m: None)) == written

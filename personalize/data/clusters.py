@@ -2,7 +2,9 @@
 
 One record per line: ``{"cluster": ID, "file_name": PATH, "text": CAPTION}`` (``file_name`` relative
 to the manifest), optionally ``"context": STR`` — what the image shows besides the subject (its scene,
-accessory, color...). A training sample is one target record plus K other members of its cluster as
+accessory, color...) —, ``"class": NOUN`` (the subject's class noun) and ``"role"``: ``"example"`` (shown
+as an example only, e.g. the original photos in an apprenticeship manifest), ``"target"`` (a target
+only, e.g. an expert's generated image) or ``"both"`` (the default). A training sample is one target record plus K other members of its cluster as
 the examples. SuTI's copy-paste trap: when the target looks like its examples the model learns to
 copy; so examples are drawn from members whose ``context`` differs from the target's, and only where
 a cluster has too few of those from the rest of the cluster (counted in ``stats``).
@@ -30,6 +32,10 @@ class ClusterRecord:
     path: Path
     text: str
     context: Optional[str] = None
+    subject_class: Optional[str] = None
+    role: str = "both"  # example | target | both
+
+ROLES = ("example", "target", "both")
 
 
 def read_manifest(manifest: str | Path, what: str = "incontext.manifest") -> list[ClusterRecord]:
@@ -42,10 +48,14 @@ def read_manifest(manifest: str | Path, what: str = "incontext.manifest") -> lis
             continue
         try:
             r = json.loads(line)
-            context = r.get("context")
+            context, cls = r.get("context"), r.get("class")
+            role = str(r.get("role", "both"))
+            if role not in ROLES:
+                raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
             records.append(ClusterRecord(str(r["cluster"]), manifest.parent / r["file_name"], str(r["text"]),
-                                         None if context is None else str(context)))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                                         None if context is None else str(context), None if cls is None else str(cls),
+                                         role))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
             problems.append(f"  line {number}: {type(err).__name__}: {err} (need cluster, file_name, text)")
     if problems:
         raise DataError(f"{what}: {manifest} has bad records:\n" + "\n".join(problems[:20]))
@@ -69,6 +79,10 @@ def write_manifest(records: list[ClusterRecord], manifest: str | Path) -> Path:
         record = {"cluster": r.cluster, "file_name": name, "text": r.text}
         if r.context is not None:
             record["context"] = r.context
+        if r.subject_class is not None:
+            record["class"] = r.subject_class
+        if r.role != "both":
+            record["role"] = r.role
         lines.append(json.dumps(record))
     tmp = manifest.with_name(f".{manifest.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -83,16 +97,22 @@ class ClusterDataset(Dataset):
                  caption_dropout: float = 0.0, random_flip: bool = False):
         self.resolution, self.center_crop, self.random_flip = resolution, True, random_flip
         self.num_references, self.caption_dropout = num_references, caption_dropout
-        members = defaultdict(list)
+        members, examples = defaultdict(list), defaultdict(list)
         for i, r in enumerate(records):
             members[r.cluster].append(i)
-        small = sorted(c for c, m in members.items() if len(m) <= num_references)
+            if r.role != "target":
+                examples[r.cluster].append(i)
+        def enough(i: int) -> bool:  # the target has K examples besides itself
+            return len(examples[records[i].cluster]) - (records[i].role == "both") >= num_references
+
         self.records = records
-        self.members = {c: m for c, m in members.items() if len(m) > num_references}
-        self.targets = [i for c, m in self.members.items() for i in m]
+        self.targets = [i for i, r in enumerate(records) if r.role != "example" and enough(i)]
+        kept = {records[i].cluster for i in self.targets}
+        small = sorted(set(members) - kept)
+        self.members = {c: examples[c] for c in kept}  # who can be shown as an example
         if not self.targets:
-            raise DataError(f"incontext: no cluster has more than incontext.num_references={num_references} "
-                            f"members (a target plus {num_references} examples); clusters: {len(members)}")
+            raise DataError(f"incontext: no cluster has a target and incontext.num_references={num_references} "
+                            f"other members to show as examples; clusters: {len(members)}")
         self.stats = {"clusters": len(self.members), "targets": len(self.targets),
                       "clusters_too_small": len(small)}
         self.examples = [Example(r.path, r.text) for r in records]  # for the latent and text caches

@@ -61,7 +61,7 @@ def render_clusters(manifest: str | Path, n_subjects: int, per_subject: int = 6,
         for i, (cluster, spec) in enumerate(tqdm(specs, desc="rendering toy clusters", disable=not progress)):
             path = tmp / "images" / f"{i:07d}.png"
             Image.fromarray(render(spec)).save(path, compress_level=1)
-            records.append(ClusterRecord(cluster, path, caption(spec), context(spec)))
+            records.append(ClusterRecord(cluster, path, caption(spec), context(spec), spec.cls))
         write_manifest(records, tmp / manifest.name)
         if folder.exists():
             shutil.rmtree(folder) if not any(folder.iterdir()) else os.replace(folder, f"{folder}.incomplete")
