@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", default=",".join(HELDOUT_NAMES[:4]),
                         help=f"comma-separated held-out subjects (all: {','.join(HELDOUT_NAMES)})")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated, from {','.join(ROWS)} and incontext[_LABEL][:FOLDER] (in-context "
+                             "models; FOLDER default: the shipped toy one)")
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     subjects = [s for s in args.subjects.split(",") if s]
     rows = [r for r in args.rows.split(",") if r]
-    bad = [s for s in subjects if s not in HELDOUT_NAMES] + [r for r in rows if r not in ROWS]
+    bad = [s for s in subjects if s not in HELDOUT_NAMES] + [r for r in rows if r not in ROWS
+                                                             and not r.startswith("incontext")]
     if bad:
         parser.error(f"unknown subject or row: {', '.join(bad)}")
     command = "python eval/toybench.py " + " ".join(argv if argv is not None else sys.argv[1:])

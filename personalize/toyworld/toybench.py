@@ -82,15 +82,22 @@ def write_references(subject: Subject, folder: Path, n: int = 4) -> list[Path]:
 
 def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
     """Harness rows by ToyBench name: ``base``, a fine-tuning method of :data:`METHOD_RECIPES`,
-    ``dreambooth_no_prior`` (DreamBooth without prior preservation) and ``ceiling`` (real renders)."""
-    from personalize.rows import BaseModelRow, FineTuneRow, ToyRendersRow
+    ``dreambooth_no_prior`` (DreamBooth without prior preservation), ``ceiling`` (real renders) and
+    ``incontext[_LABEL][:FOLDER]`` (an in-context model; default: the shipped toy one)."""
+    from personalize.rows import BaseModelRow, FineTuneRow, InContextRow, ToyRendersRow
 
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ROWS and not r.startswith("incontext")]
     if unknown:
-        raise ValueError(f"unknown ToyBench rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+        raise ValueError(f"unknown ToyBench rows {', '.join(unknown)}; choose from {', '.join(ROWS)}, "
+                         "incontext[_LABEL][:FOLDER]")
     out = []
     for name in rows:
-        if name == "base":
+        if name.startswith("incontext"):
+            from personalize.incontext.zero_shot import default_model
+
+            label, _, folder = name.partition(":")
+            out.append(InContextRow(base, label, folder or str(default_model())))
+        elif name == "base":
             out.append(BaseModelRow(base))
         elif name == "ceiling":
             out.append(ToyRendersRow(base, "ceiling"))

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""In-context vs fine-tuning speed on this machine, in one run: time from a subject's reference photos
+to 4 images (in-context: encode + sample; DreamBooth and LoRA: train with their ToyBench recipe, load,
+sample), and the reference attention's overhead on a sampling loop. Writes a section of
+docs/benchmarks.md.
+
+    python eval/incontext_speed.py                          # the shipped toy in-context model
+    python eval/incontext_speed.py --model outputs/toy-incontext
+    python eval/incontext_speed.py --model untrained        # reference layers as installed (same cost)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BEGIN, END = "<!-- incontext-speed:begin -->", "<!-- incontext-speed:end -->"
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from personalize.incontext.speed import (
+        finetune_photos_to_images, incontext_photos_to_images, reference_attention_overhead,
+    )
+    from personalize.toyworld.toybench import METHOD_RECIPES, reference_specs, write_references
+    from personalize.toyworld.world import caption, heldout_subjects
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="in-context model folder, or 'untrained' (default: shipped)")
+    parser.add_argument("--subject", default="zorbo")
+    parser.add_argument("--methods", default="dreambooth,lora")
+    parser.add_argument("-n", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
+    args = parser.parse_args(argv)
+
+    subject = {s.name: s for s in heldout_subjects()}[args.subject]
+    work = Path(tempfile.mkdtemp(prefix="incontext-speed-"))
+    refs_dir = work / "references"
+    specs = reference_specs(subject, 3)
+    references = write_references(subject, refs_dir, 3)
+    captions = [caption(s) for s in specs]
+    prompt = f"a {subject.cls} in the snow"
+
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model)
+    load_s = time.perf_counter() - start
+    pipe(prompt, references[:1], captions[:1], num_images=1, steps=2)  # warm up
+    incontext_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps)
+    rows = {"in-context": {"total_seconds": incontext_s, "train_seconds": 0.0, "generate_seconds": incontext_s}}
+    for method in [m for m in args.methods.split(",") if m]:
+        rows[method] = finetune_photos_to_images(METHOD_RECIPES[method], refs_dir, subject.cls, prompt, work / method,
+                                                 args.n, args.steps)
+        print(f"{method}: {rows[method]['total_seconds']:.1f} s", flush=True)
+    overhead = reference_attention_overhead(pipe, references, captions, prompt, args.n, args.steps)
+    device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    lines = [BEGIN, "## In-context vs fine-tuning: reference photos to 4 images", "",
+             f"Measured by `python eval/incontext_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             f" on {device} (CPU), toy model, subject {args.subject} (3 reference renders), {args.n} images, "
+             f"{args.steps} DDIM steps. In-context model: {args.model or 'shipped'} (loaded in {load_s:.1f} s, "
+             "not counted). Fine-tuning: the ToyBench recipe's training, then loading the result into a stock "
+             "diffusers pipeline and sampling.", "",
+             "| method | train s | generate s | photos to 4 images, s | vs in-context |", "|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['train_seconds']:.1f} | {r['generate_seconds']:.1f} | {r['total_seconds']:.1f} | "
+                     f"{r['total_seconds'] / incontext_s:.1f}x |")
+    lines += ["", f"Reference attention overhead on the sampling loop (batch {overhead['batch']}, {overhead['steps']} "
+              f"U-Net calls, median of {overhead['repeats']} interleaved runs): {overhead['with_reference_s']:.2f} s "
+              f"with vs {overhead['without_reference_s']:.2f} s without = **{overhead['ratio']:.2f}x**.", END]
+    section = "\n".join(lines)
+    print(section)
+    print(json.dumps({"rows": rows, "overhead": overhead}, indent=2))
+    if args.doc:
+        doc = Path(args.doc)
+        text = doc.read_text() if doc.is_file() else ""
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: section, text, flags=re.S) \
+            if BEGIN in text else text.rstrip() + "\n\n" + section + "\n"
+        doc.write_text(text)
+    return 0
+
+
+def load_pipeline(model):
+    from personalize.config import ModelConfig
+    from personalize.incontext import InContextSpec, install_reference_attention
+    from personalize.incontext.pipeline import InContextPipeline
+    from personalize.incontext.zero_shot import default_model
+    from personalize.models import load_models
+
+    if model == "untrained":
+        models = load_models(ModelConfig(base="toy", attention="classic"))
+        install_reference_attention(models.unet, ["mid", "up"])
+        return InContextPipeline(models, InContextSpec(family="sd", blocks=["mid", "up"], num_references=3))
+    return InContextPipeline.from_pretrained(model or default_model(), base="toy", attention="classic")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
