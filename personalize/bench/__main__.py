@@ -1,0 +1,10 @@
+"""``python -m personalize.bench --worker SPEC``: run one benchmark worker (see :func:`run_worker`)."""
+
+import sys
+
+from personalize.bench.models import worker_main
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    sys.exit("usage: python eval/bench_train.py --help")
