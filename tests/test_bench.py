@@ -1,4 +1,4 @@
-"""Smoke tests of the training benchmark (personalize/bench.py, eval/bench_train.py) at tiny settings."""
+"""Smoke tests of the training benchmark (personalize/bench/, eval/bench_train.py) at tiny settings."""
 
 from __future__ import annotations
 
