@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ship", type=Path, help="trained pipeline folder to store (fp16) as the shipped toy model")
     parser.add_argument("--vae-run", type=Path, default=Path("outputs/toy-vae"), help="output_dir of toy/vae")
     parser.add_argument("--base-run", type=Path, default=Path("outputs/toy-base"), help="output_dir of toy/base")
+    parser.add_argument("--continue-run", type=Path, default=Path("outputs/toy-base-continue"),
+                        help="output_dir of toy/base-continue")
     parser.add_argument("-n", type=int, default=200, help="random captions for the prompt read-back")
     parser.add_argument("--doc", type=Path, default=Path("docs/toy-model.md"))
     args = parser.parse_args(argv)
@@ -33,10 +35,12 @@ def main(argv=None) -> int:
     measured = measure(TOY_MODEL_DIR, n_captions=args.n)
     print(json.dumps(measured, indent=2))
     runs = TOY_MODEL_DIR / "training_runs.json"  # kept with the weights: the runs' own folders are not
-    if (args.vae_run / "run_summary.json").is_file() and (args.base_run / "run_summary.json").is_file():
-        runs.write_text(json.dumps({"vae": _run_info(args.vae_run), "base": _run_info(args.base_run)}, indent=2))
     info = json.loads(runs.read_text()) if runs.is_file() else {"vae": {}, "base": {}}
-    card = model_card(measured, info["vae"], info["base"])
+    for key, run_dir in (("vae", args.vae_run), ("base", args.base_run), ("continue", args.continue_run)):
+        if (run_dir / "run_summary.json").is_file():
+            info[key] = _run_info(run_dir)
+    runs.write_text(json.dumps(info, indent=2))
+    card = model_card(measured, info["vae"], info["base"], continue_run=info.get("continue"))
     (TOY_MODEL_DIR / "README.md").write_text(card)
     (TOY_MODEL_DIR / "measurements.json").write_text(json.dumps(measured, indent=2))
     args.doc.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -70,12 +71,21 @@ def measure(model_dir: Path, n_captions: int = 200) -> dict:
             "size_mb": sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) / 2**20}
 
 
+def _continue_step(run: Optional[dict]) -> str:
+    if not run:
+        return ""
+    return (f"3. `personalize train toy/base-continue` (text encoder + U-Net training continued from the "
+            f"model of stage 2, same data and VAE, learning rate 2e-4 cosine, text encoder 5e-5): "
+            f"{run.get('steps', '?')} more steps of batch 64, {run.get('train_seconds', float('nan')) / 60:.0f} min on a "
+            f"2-core CPU.\n")
+
+
 def _run_info(run_dir: Path) -> dict:
     summary = run_dir / "run_summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
-def model_card(measured: dict, vae_run: dict, base_run: dict, notes: str = "") -> str:
+def model_card(measured: dict, vae_run: dict, base_run: dict, notes: str = "", continue_run: Optional[dict] = None) -> str:
     """The toy model's card (README.md beside the weights, copied to docs/toy-model.md)."""
     psnr, rb = measured["vae_psnr_db"], measured["prompt_readback"]
     gen, real = rb["generated"], rb["real renders"]
@@ -96,7 +106,7 @@ Weights are stored in fp16 ({measured['size_mb']:.1f} MB in all); the loader run
 
 ## How it was trained
 
-Both stages read the same 30,000 rendered images with captions (`data/toyworld/train/`, rendered on
+All stages read the same 30,000 rendered images with captions (`data/toyworld/train/`, rendered on
 first use from seed 0: half generic objects of every class, color, pattern, scene, accessory and size,
 half training subjects; held-out subjects never appear).
 
@@ -105,7 +115,7 @@ half training subjects; held-out subjects never appear).
 2. `personalize train toy/base` (method `text2image`, text encoder + U-Net from scratch over the VAE of
    stage 1, cached latents, caption dropout 0.1 for guidance, min-SNR 5): {base_run.get('steps', '?')} steps
    of batch 64, bf16 autocast, {hours(base_run)} on a 2-core CPU.
-3. `python eval/toy_model.py --ship outputs/toy-base` stores it here in fp16 and measures it.
+{_continue_step(continue_run)}{"4" if continue_run else "3"}. `python eval/toy_model.py --ship {"outputs/toy-base-continue" if continue_run else "outputs/toy-base"}` stores it here in fp16 and measures it.
 
 {notes}
 
