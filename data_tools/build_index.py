@@ -6,7 +6,7 @@
 
 COLLECTION is a folder tree of images with a caption file NAME.txt beside each image, or a JSONL of
 {"file_name", "text"} records (file_name relative to the JSONL). INDEX_DIR receives index_text.faiss,
-index_image.faiss, records.jsonl and index.json (see personalize/retrieval.py). --kind auto is exact
+index_image.faiss, records.jsonl and index.json (see personalize/retrieval/). --kind auto is exact
 search (flat) below 50,000 records and HNSW above. Query it with `personalize zero-shot --index INDEX_DIR`
 or personalize.retrieval.query. Needs faiss: pip install faiss-cpu (or pip install -e ".[retrieval]").
 --toy-collection DIR first writes a toy-world test collection there (renders of named subjects).

@@ -1,4 +1,4 @@
-"""Tests for retrieval (personalize/retrieval.py and data_tools/build_index.py): a flat index over a small
+"""Tests for retrieval (personalize/retrieval/ and data_tools/build_index.py): a flat index over a small
 toy named collection queried by name and by image with the toy embedder; reproducible files; the
 embedder check; the missing-faiss message; ivf and hnsw indexes over random vectors of a fake embedder;
 bad collections."""
