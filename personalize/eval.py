@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="[LABEL=]RECIPE or [LABEL=]ZERO_SHOT: a recipe (path or shipped name such as "
                         "dreambooth-lora-sd15, tiny/lora, toy/lora) trains per subject, then generates; a zero-shot "
                         "method generates directly: 'base' (the base model, class noun only), 'renders' (toy "
-                        "world: real renders, the ceiling)")
+                        "world: real renders, the ceiling), 'incontext:FOLDER' (an in-context model)")
     src = p.add_argument_group("subjects and prompts")
     src.add_argument("--data", help="DreamBench-layout folder: SUBJECT/NN.jpg and prompts_and_classes.txt")
     src.add_argument("--toy", type=_names, metavar="NAMES",
@@ -43,7 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("-n", "--images-per-prompt", type=int, default=4, help="images per prompt (DreamBench: 4)")
     gen.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed SEED+j")
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (in-context: text)")
+    gen.add_argument("--ref-guidance", type=float, default=2.0, help="in-context rows: reference guidance scale")
+    gen.add_argument("--drift-images", type=int, default=0,
+                     help="also N images of the bare class prompt per row, for language drift (0 = off)")
     gen.add_argument("--resolution", type=int,
                      help="image side (default: the recipe's data.resolution; zero-shot rows: the model's own)")
     gen.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
@@ -89,7 +92,8 @@ def run(args) -> int:
     from personalize.metrics import load_metrics
 
     settings = EvalSettings(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
-                            guidance=args.guidance, batch_size=args.batch_size, resolution=args.resolution,
+                            guidance=args.guidance, ref_guidance=args.ref_guidance, drift_images=args.drift_images,
+                            batch_size=args.batch_size, resolution=args.resolution,
                             token=args.token, keep_weights=args.keep_weights, device=args.device,
                             title=args.title or ("ToyBench" if args.toy else "DreamBench"))
     rows = [build_row(spec, args.base, args.set) for spec in args.rows]
