@@ -98,7 +98,7 @@ def test_method_registry_is_checked():
     from personalize.methods import get_method_class, method_names, register_method
     from personalize.methods.lora import LoRA
 
-    assert method_names() == ["autoencoder", "dreambooth", "lora", "text2image", "textual_inversion"]
+    assert method_names() == ["autoencoder", "dreambooth", "incontext", "lora", "text2image", "textual_inversion"]
     assert get_method_class("lora") is LoRA
     with pytest.raises(KeyError, match="did you mean 'lora'"):
         get_method_class("lora2")

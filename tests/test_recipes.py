@@ -24,8 +24,8 @@ def test_recipe_parses(recipe: Path):
     config = load_config(recipe)
     assert config.method == yaml.safe_load(recipe.read_text())["method"]
     if "tiny" in recipe.parts:  # tiny recipes use data the repository ships
-        data = config.data.metadata or config.data.instance_images
-        assert Path(data).exists(), data
+        data = config.data.metadata or config.data.instance_images or getattr(config.method_config, "manifest", None)
+        assert data and Path(data).exists(), data
 
 
 @pytest.mark.parametrize("recipe", ACCELERATE, ids=lambda p: p.name)
