@@ -158,8 +158,12 @@ def _notes(plan: dict, subjects: dict) -> str:
             f"fraction of images that are near-duplicates of a reference (PSNR >= 20 dB at 32 px).")
     if plan.get("data"):
         text = f"Data: `{plan['data']}`. " + text
+    def extra(r: dict) -> str:  # the row's own overrides (model.base is shown as "on ...")
+        own = [o for o in r.get("overrides", []) if not o.startswith("model.base=")]
+        return f" ({', '.join(own)})" if own else ""
+
     rows = "; ".join(f"{r['label']}: {r['kind']}" + (f" with `{Path(r['recipe']).name}`" if r.get("recipe") else "")
-                     + (f" on `{r['base']}`" if r.get("base") else "") for r in plan["rows"])
+                     + extra(r) + (f" on `{r['base']}`" if r.get("base") else "") for r in plan["rows"])
     return text + f" Rows: {rows}."
 
 
@@ -278,6 +282,8 @@ def png_grid(plan: dict, s: dict, out: Path, cell: int = 96) -> Optional[Path]:
     lines = [line for line in lines if line]
     if len(lines) < 2:
         return None
+    with Image.open(lines[0][0]) as first:  # small images (the toy world's 64 px) stay at their own size
+        cell = min(cell, max(first.size))
     width = max(len(line) for line in lines)
     grid = Image.new("RGB", (cell * width, cell * len(lines)), "white")
     for y, line in enumerate(lines):

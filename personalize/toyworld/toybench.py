@@ -132,9 +132,21 @@ def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int
     files = run_benchmark(bench_subjects, toybench_rows(rows), [ToyJudgeMetrics.load()],
                           toybench_settings(out, n=n, steps=steps, **settings), log=log, data="toy world")
     if doc is not None:
-        doc.parent.mkdir(parents=True, exist_ok=True)
-        report = files["markdown"].read_text()
-        doc.write_text(report + f"\nProduced by `{command}` in {(time.perf_counter() - start) / 60:.1f} min "
-                       "(CPU, 2 cores; finished rows of an earlier run are reused). Images and the HTML report: "
-                       f"`{out}/report.html`.\n")
+        write_doc(files, doc, command, (time.perf_counter() - start) / 60, out)
     return files
+
+
+def write_doc(files: dict[str, Path], doc: Path, command: str, minutes: float, out: Path) -> Path:
+    """The markdown report as ``doc``, its image grids copied to ``doc``'s folder ``<doc stem>/``, and a
+    line naming ``command`` and its wall-clock minutes."""
+    import shutil
+
+    grids = doc.parent / doc.stem
+    grids.mkdir(parents=True, exist_ok=True)
+    for key, path in files.items():
+        if key.startswith("grid "):
+            shutil.copyfile(path, grids / path.name)
+    report = files["markdown"].read_text().replace("](grids/", f"]({doc.stem}/")
+    doc.write_text(report + f"\nProduced by `{command}` in {minutes:.1f} min (CPU, 2 cores; finished rows of an earlier "
+                   f"run are reused). Images and the HTML report: `{out}/report.html`.\n")
+    return doc
