@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from personalize.generate import build_pipeline, image_grid, render
+    from personalize.generate import build_pipeline, render, save_images
 
     pipe = build_pipeline(args.base, lora=args.lora, embeddings=args.embeddings, token=args.token,
                           allow_pickle=args.allow_pickle)
@@ -58,12 +58,7 @@ def cmd_generate(args) -> int:
         pipe.fuse_lora(lora_scale=args.lora_scale)
     images = render(None, [args.prompt], args.n, args.steps, args.guidance, args.seed, args.resolution,
                     negative_prompt=args.negative_prompt, device=args.device, pipeline=pipe)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:03d}.png")
-    image_grid(images, rows=1).save(out / "grid.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    save_images(images, args.out)
     return 0
 
 

@@ -19,6 +19,17 @@ def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
     return grid
 
 
+def save_images(images: list[Image.Image], out: str | Path) -> Path:
+    """``out/000.png ...`` and ``out/grid.png`` (one row); prints what it wrote."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i:03d}.png")
+    image_grid(images, rows=1).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return out
+
+
 @torch.no_grad()
 def render(models, prompts: list[str], num_images_per_prompt: int, steps: int, guidance_scale: float, seed: int,
            resolution: int, negative_prompt: Optional[str] = None, device=None, pipeline=None) -> list[Image.Image]:

@@ -153,6 +153,15 @@ def normalize_source_url(url: str) -> str:
     return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, ""))
 
 
+def read_caption(caption_file: Path) -> tuple[str, str]:
+    """(the caption, "") or ("", what is wrong with the caption file)."""
+    try:
+        text = caption_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return "", f"cannot read caption: {err}"
+    return (text, "") if text else ("", "empty caption file")
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -174,13 +183,9 @@ def read_folder_tree(root: str | Path, default_caption: Optional[str] = None,
         for path in sorted(p for p in folder.iterdir() if _is_image(p)):
             caption_file = path.with_suffix(caption_extension)
             if caption_file.is_file():
-                try:
-                    text = caption_file.read_text(encoding="utf-8").strip()
-                except (OSError, UnicodeDecodeError) as err:
-                    bad.append(BadRecord(str(caption_file), f"cannot read caption: {err}"))
-                    continue
-                if not text:
-                    bad.append(BadRecord(str(caption_file), "empty caption file"))
+                text, problem = read_caption(caption_file)
+                if problem:
+                    bad.append(BadRecord(str(caption_file), problem))
                     continue
             elif default_caption:
                 text = default_caption

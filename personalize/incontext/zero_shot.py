@@ -54,7 +54,7 @@ def run(args) -> int:
     import torch
 
     from personalize.data.images import DataError
-    from personalize.generate import image_grid
+    from personalize.generate import save_images
     from personalize.incontext.model import read_spec
     from personalize.incontext.pipeline import InContextPipeline
 
@@ -89,9 +89,5 @@ def run(args) -> int:
     images = pipe(args.prompt, refs, captions, num_images=args.n, text_scale=args.text_scale,
                   ref_scale=args.ref_scale, steps=args.steps, seed=args.seed,
                   allow_more_references=args.allow_more_references)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:03d}.png")
-    image_grid(images, rows=1).save(out / "grid.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    save_images(images, out)
     return 0

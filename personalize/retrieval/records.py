@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from personalize.data.cluster_builder import BadRecord, BadRecordsError
+from personalize.data.cluster_builder import BadRecord, BadRecordsError, read_caption
 from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, load_image
 from personalize.retrieval.embedders import Embedder, normalize
 
@@ -42,13 +42,9 @@ def read_folder(root: str | Path, caption_extension: str = ".txt") -> tuple[list
         if not caption_file.is_file():
             bad.append(BadRecord(str(path), f"no caption file {caption_file.name} beside it"))
             continue
-        try:
-            text = caption_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            bad.append(BadRecord(str(caption_file), f"cannot read caption: {err}"))
-            continue
-        if not text:
-            bad.append(BadRecord(str(caption_file), "empty caption file"))
+        text, problem = read_caption(caption_file)
+        if problem:
+            bad.append(BadRecord(str(caption_file), problem))
             continue
         records.append(Record(path, text))
     if not records and not bad:

@@ -8,9 +8,6 @@ unlimited supply, which is disjoint from them (tested in tests/test_toyworld.py)
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from personalize.data.clusters import ClusterRecord, write_manifest
+from personalize.toyworld.dataset import atomic_folder
 from personalize.toyworld.world import COLORS, ImageSpec, caption, render, sample_spec, training_subject
 
 FIRST_SUBJECT = 2_000_000  # cluster subjects come from a range of the supply the base model's set does not draw
@@ -51,10 +49,7 @@ def render_clusters(manifest: str | Path, n_subjects: int, per_subject: int = 6,
     manifest = Path(manifest)
     if manifest.is_file():
         return manifest
-    folder = manifest.parent
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".clusters-", dir=folder.parent))
-    try:
+    with atomic_folder(manifest.parent, ".clusters-") as tmp:
         (tmp / "images").mkdir()
         records = []
         specs = cluster_specs(n_subjects, per_subject, seed)
@@ -63,9 +58,4 @@ def render_clusters(manifest: str | Path, n_subjects: int, per_subject: int = 6,
             Image.fromarray(render(spec)).save(path, compress_level=1)
             records.append(ClusterRecord(cluster, path, caption(spec), context(spec), spec.cls))
         write_manifest(records, tmp / manifest.name)
-        if folder.exists():
-            shutil.rmtree(folder) if not any(folder.iterdir()) else os.replace(folder, f"{folder}.incomplete")
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest

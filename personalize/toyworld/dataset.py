@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -29,15 +31,27 @@ def sample_training_specs(n: int, seed: int, p_subject: float = 0.5) -> list:
     return specs
 
 
+@contextmanager
+def atomic_folder(folder: Path, prefix: str = ".render-") -> Iterator[Path]:
+    """A temporary folder beside ``folder`` that replaces it when the block ends without an error (an
+    existing ``folder``, which lacks the finished file, is set aside as ``folder.incomplete``)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():  # left by someone else: keep it aside
+            shutil.rmtree(folder) if not any(folder.iterdir()) else os.replace(folder, f"{folder}.incomplete")
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def render_dataset(metadata: str | Path, n: int, seed: int = 0, progress: bool = True) -> Path:
     """Render ``n`` captioned images next to ``metadata`` (a JSONL path) unless it already exists."""
     metadata = Path(metadata)
     if metadata.is_file():
         return metadata
-    folder = metadata.parent
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".render-", dir=folder.parent))
-    try:
+    with atomic_folder(metadata.parent) as tmp:
         (tmp / "images").mkdir()
         lines = []
         for i, spec in enumerate(tqdm(sample_training_specs(n, seed), desc="rendering toy world", disable=not progress)):
@@ -45,9 +59,4 @@ def render_dataset(metadata: str | Path, n: int, seed: int = 0, progress: bool =
             Image.fromarray(render(spec)).save(tmp / name, compress_level=1)
             lines.append(json.dumps({"file_name": name, "text": caption(spec)}))
         (tmp / metadata.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if folder.exists():  # a folder without the metadata file: left by someone else, keep it aside
-            shutil.rmtree(folder) if not any(folder.iterdir()) else os.replace(folder, f"{folder}.incomplete")
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metadata
