@@ -136,12 +136,16 @@ def is_installed(unet) -> bool:
     return any(isinstance(p, ReferenceAttnProcessor) for p in unet.attn_processors.values())
 
 
+def _reference_named_parameters(unet) -> list[tuple[str, nn.Parameter]]:
+    """The installed reference layers' parameters, named by their place in the U-Net."""
+    return [(name, p) for name, p in unet.named_parameters()
+            if ".processor." in name and name.rsplit(".", 2)[-2] in ("to_k_ref", "to_v_ref", "to_out_ref")]
+
+
 def reference_state_dict(unet) -> dict[str, torch.Tensor]:
     """The weights of the installed reference layers, keyed by their place in the U-Net."""
-    return {name: param.detach().cpu().contiguous() for name, param in unet.named_parameters()
-            if ".processor." in name and name.rsplit(".", 2)[-2] in ("to_k_ref", "to_v_ref", "to_out_ref")}
+    return {name: p.detach().cpu().contiguous() for name, p in _reference_named_parameters(unet)}
 
 
 def reference_parameters(unet) -> list[nn.Parameter]:
-    return [p for name, p in unet.named_parameters()
-            if ".processor." in name and name.rsplit(".", 2)[-2] in ("to_k_ref", "to_v_ref", "to_out_ref")]
+    return [p for _, p in _reference_named_parameters(unet)]
