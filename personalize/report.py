@@ -103,8 +103,8 @@ def tables(plan: dict, subjects: dict, table: dict) -> list[tuple[str, list[str]
         mean_rows.append([label, str(e["subjects"]), *[_fmt(e["mean"][k]) for k in names],
                           _fmt(e.get("copy_paste_rate"), 2), *(times if label != REAL else ["–"] * 4)])
     memory = next((e["memory"] for e in table.values() if "memory" in e), "")
-    out = [(f"Mean over subjects", ["row", "subjects", *cols, "copy-paste", "train s", "generate s",
-                                    f"peak train MiB", f"peak generate MiB"], mean_rows)]
+    out = [("Mean over subjects", ["row", "subjects", *cols, "copy-paste", "train s", "generate s",
+                                    "peak train MiB", "peak generate MiB"], mean_rows)]
     kind_rows = [[label, KIND_NAMES[kind], *[_fmt(e["kinds"][kind][k]) for k in names]]
                  for label, e in table.items() for kind in KINDS if kind in e["kinds"]]
     if kind_rows:

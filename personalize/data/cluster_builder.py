@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from personalize.data.clusters import ClusterRecord, write_manifest
 from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, load_image
+from personalize.data.jsonl import parse_jsonl
 from personalize.metrics import pairwise_cosine
 
 MAX_LISTED = 20  # bad records listed in an error message; the rest are counted
@@ -199,43 +200,29 @@ def read_folder_tree(root: str | Path, default_caption: Optional[str] = None,
     return records, bad
 
 
-def _parse_line(line: str, jsonl: Path, where: str) -> SourceRecord:
-    """One JSONL record; raises ``ValueError`` saying what is wrong with it."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"a record is a JSON object, got {type(record).__name__}")
-    for key in ("file_name", "text", "url"):
-        if key not in record:
-            raise ValueError(f"missing {key!r} (need file_name, text, url)")
-        if not isinstance(record[key], str) or not record[key].strip():
-            raise ValueError(f"{key!r} must be a non-empty string, got {record[key]!r}")
-    context = record.get("context")
-    if context is not None and not isinstance(context, str):
-        raise ValueError(f"'context' must be a string or null, got {context!r}")
-    return SourceRecord(normalize_source_url(record["url"]), jsonl.parent / record["file_name"],
-                        record["text"].strip(), context, where)
-
-
 def read_jsonl(jsonl: str | Path) -> tuple[list[SourceRecord], list[BadRecord]]:
     """Records of a JSONL (``file_name``, ``text``, ``url``, optional ``context``); blank lines ignored.
     Lines that are not such a record are bad records named by line. Images are not opened here."""
     jsonl = Path(jsonl)
     if not jsonl.is_file():
         raise DataError(f"input: {jsonl} does not exist")
-    records, bad = [], []
-    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_parse_line(line, jsonl, f"line {number}"))
-        except ValueError as err:
-            bad.append(BadRecord(f"{jsonl} line {number}", str(err)))
+
+    def parse(record: dict, line: int) -> SourceRecord:
+        for key in ("file_name", "text", "url"):
+            if key not in record:
+                raise ValueError(f"missing {key!r} (need file_name, text, url)")
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise ValueError(f"{key!r} must be a non-empty string, got {record[key]!r}")
+        context = record.get("context")
+        if context is not None and not isinstance(context, str):
+            raise ValueError(f"'context' must be a string or null, got {context!r}")
+        return SourceRecord(normalize_source_url(record["url"]), jsonl.parent / record["file_name"],
+                            record["text"].strip(), context, f"line {line}")
+
+    records, bad = parse_jsonl(jsonl, parse)
     if not records and not bad:
         raise DataError(f"input: {jsonl} has no records")
-    return records, bad
+    return records, [BadRecord(f"{jsonl} line {number}", problem) for number, problem in bad]
 
 
 def read_source(source: str | Path, default_caption: Optional[str] = None,

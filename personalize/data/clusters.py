@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from personalize.data.datasets import Example, prepare_image
 from personalize.data.images import DataError, load_image
+from personalize.data.jsonl import parse_jsonl
 
 
 @dataclass(frozen=True)
@@ -42,21 +43,15 @@ def read_manifest(manifest: str | Path, what: str = "incontext.manifest") -> lis
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"{what}: {manifest} does not exist")
-    records, problems = [], []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            context, cls = r.get("context"), r.get("class")
-            role = str(r.get("role", "both"))
-            if role not in ROLES:
-                raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-            records.append(ClusterRecord(str(r["cluster"]), manifest.parent / r["file_name"], str(r["text"]),
-                                         None if context is None else str(context), None if cls is None else str(cls),
-                                         role))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
-            problems.append(f"  line {number}: {type(err).__name__}: {err} (need cluster, file_name, text)")
+    def parse(r: dict, _line: int) -> ClusterRecord:
+        context, cls, role = r.get("context"), r.get("class"), str(r.get("role", "both"))
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        return ClusterRecord(str(r["cluster"]), manifest.parent / r["file_name"], str(r["text"]),
+                             None if context is None else str(context), None if cls is None else str(cls), role)
+
+    records, bad = parse_jsonl(manifest, parse)
+    problems = [f"  line {number}: {problem} (need cluster, file_name, text)" for number, problem in bad]
     if problems:
         raise DataError(f"{what}: {manifest} has bad records:\n" + "\n".join(problems[:20]))
     if not records:

@@ -7,7 +7,6 @@ resumed or multi-process run sees exactly what an uninterrupted single-process r
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from personalize.data.jsonl import parse_jsonl
 from personalize.data.images import DataError, check_images, list_images, load_image
 
 
@@ -45,15 +45,8 @@ def jsonl_examples(metadata: str | Path) -> list[Example]:
     metadata = Path(metadata)
     if not metadata.is_file():
         raise DataError(f"data.metadata: {metadata} does not exist")
-    examples, problems = [], []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            examples.append(Example(metadata.parent / record["file_name"], str(record["text"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            problems.append(f"  line {number}: {type(err).__name__}: {err} (need file_name and text)")
+    examples, bad = parse_jsonl(metadata, lambda r, _: Example(metadata.parent / r["file_name"], str(r["text"])))
+    problems = [f"  line {number}: {what} (need file_name and text)" for number, what in bad]
     if problems:
         raise DataError(f"data.metadata: {metadata} has bad records:\n" + "\n".join(problems))
     if not examples:

@@ -4,7 +4,6 @@ encoder on a captioned image folder or JSONL. The toy world pretrains its base m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 

@@ -3,7 +3,6 @@ records) into :class:`Record` s, and embedding it (:func:`embed_collection` -> :
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from personalize.data.cluster_builder import BadRecord, BadRecordsError, read_caption
 from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, load_image
+from personalize.data.jsonl import parse_jsonl
 from personalize.retrieval.embedders import Embedder, normalize
 
 logger = logging.getLogger(__name__)
@@ -56,25 +56,16 @@ def read_jsonl(jsonl: str | Path) -> tuple[list[Record], list[BadRecord]]:
     """Records ``{"file_name", "text"}`` of a JSONL, ``file_name`` relative to the JSONL; blank lines are
     skipped, other keys ignored. A line that is not such a record is a bad record named by its line."""
     jsonl = Path(jsonl)
-    records, bad = [], []
-    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{jsonl} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            bad.append(BadRecord(where, f"not JSON: {err}"))
-            continue
-        if not isinstance(record, dict):
-            bad.append(BadRecord(where, f"a record is a JSON object, got {type(record).__name__}"))
-            continue
+
+    def parse(record: dict, _line: int) -> Record:
         problems = [f"{key!r} must be a non-empty string, got {record.get(key)!r}" for key in ("file_name", "text")
                     if not isinstance(record.get(key), str) or not record[key].strip()]
         if problems:
-            bad.append(BadRecord(where, "; ".join(problems) + " (need file_name and text)"))
-            continue
-        records.append(Record(jsonl.parent / record["file_name"], record["text"].strip()))
+            raise ValueError("; ".join(problems) + " (need file_name and text)")
+        return Record(jsonl.parent / record["file_name"], record["text"].strip())
+
+    records, bad = parse_jsonl(jsonl, parse)
+    bad = [BadRecord(f"{jsonl} line {number}", problem) for number, problem in bad]
     if not records and not bad:
         raise DataError(f"collection: {jsonl} has no records")
     return records, bad
