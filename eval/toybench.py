@@ -33,7 +33,11 @@ def main(argv=None) -> int:
                              "models; FOLDER default: the shipped toy one)")
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
+    parser.add_argument("--caption-references", action="store_true",
+                        help="fine-tune rows train on each reference's own caption with the subject named "
+                             "(\"a sks ring on the grass\") instead of one instance prompt")
     parser.add_argument("--out", default="outputs/toybench", help="work folder (images, per-subject results)")
     parser.add_argument("--doc", default="docs/toybench.md", help="markdown report written here ('' = none)")
     args = parser.parse_args(argv)
@@ -45,6 +49,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown subject or row: {', '.join(bad)}")
     command = "python eval/toybench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     files = run_toybench(subjects, rows, Path(args.out), n=args.n, steps=args.steps, drift_images=args.drift_images,
+                         guidance=args.guidance, caption_references=args.caption_references,
                          doc=Path(args.doc) if args.doc else None, command=command.strip())
     print(files["markdown"].read_text())
     return 0

@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="recipe override for every fine-tuning row, e.g. --set train.max_steps=400 (repeatable)")
     run.add_argument("--token", default="sks", help="unique identifier in DreamBooth / LoRA prompts ('a sks dog')")
     run.add_argument("--keep-weights", action="store_true", help="keep each subject's trained weights")
+    run.add_argument("--caption-references", action="store_true",
+                     help="fine-tuning rows train on each reference's own caption with the subject named ('a sks "
+                          "ring on the grass'), for subjects whose references have captions (the toy world)")
     met = p.add_argument_group("metrics")
     met.add_argument("--metrics", choices=("dreambench", "toy", "tiny"),
                      help="dreambench = DINO + CLIP (default with --data), toy = the toy judges (default with --toy), "
@@ -95,6 +98,7 @@ def run(args) -> int:
                             guidance=args.guidance, ref_guidance=args.ref_guidance, drift_images=args.drift_images,
                             batch_size=args.batch_size, resolution=args.resolution,
                             token=args.token, keep_weights=args.keep_weights, device=args.device,
+                            caption_references=args.caption_references,
                             title=args.title or ("ToyBench" if args.toy else "DreamBench"))
     rows = [build_row(spec, args.base, args.set) for spec in args.rows]
     labels = [r.label for r in rows]

@@ -46,6 +46,7 @@ class EvalSettings:
     title: str = "DreamBench"
     class_images_suffix: str = ""  # set per process when several share the subjects (their own class images)
     drift_images: int = 0  # > 0: also this many images of the bare class prompt "a {class}" (language drift)
+    caption_references: bool = False  # fine-tune rows train on the references' own captions (subject named)
 
     @property
     def out_dir(self) -> Path:

@@ -139,14 +139,33 @@ class FineTuneRow(Row):
         """How prompts name the subject: the placeholder (Textual Inversion) or "<token> <class>"."""
         return self.placeholder() or f"{settings.token} {subject.class_noun}"
 
-    def subject_overrides(self, subject: BenchSubject, run_dir: Path, settings: EvalSettings) -> list[str]:
+    def instance_folder(self, subject: BenchSubject, work_dir: Path, settings: EvalSettings) -> Path:
+        """The folder the method trains on: the subject's references, or (``settings.caption_references``
+        and the subject has reference captions) copies of them with a caption file each that names the
+        subject the way this row's prompts do ("a ring on the grass" -> "a sks ring on the grass"), as
+        kohya / ai-toolkit users caption their photos so the context is not learned as part of the subject."""
         folders = {p.parent for p in subject.references}
         if len(folders) != 1:
             raise ValueError(f"{subject.name}: references must lie in one folder")
+        if not (settings.caption_references and subject.reference_captions):
+            return folders.pop()
+        import shutil
+
+        folder = work_dir / "instance-images"
+        folder.mkdir(parents=True, exist_ok=True)
+        words = self.words(subject, settings)
+        for path, text in zip(subject.references, subject.captions()):
+            shutil.copyfile(path, folder / path.name)
+            (folder / path.name).with_suffix(self.config.data.caption_extension).write_text(
+                instance_caption(text, subject.class_noun, words) + "\n", encoding="utf-8")
+        return folder
+
+    def subject_overrides(self, subject: BenchSubject, run_dir: Path, settings: EvalSettings) -> list[str]:
+        instance_images = self.instance_folder(subject, run_dir.parent, settings)
         words = self.words(subject, settings)
         class_images = (settings.out_dir / "class-images" / slug(self.base) /
                         f"{slug(subject.class_noun)}{settings.class_images_suffix}")
-        per_subject = [f"data.instance_images={_yaml_string(folders.pop())}",
+        per_subject = [f"data.instance_images={_yaml_string(instance_images)}",
                        f"data.instance_prompt={_yaml_string('a ' + words)}",
                        f"prior.class_prompt={_yaml_string('a ' + subject.class_noun)}",
                        f"prior.class_images={_yaml_string(class_images)}", f"train.output_dir={_yaml_string(run_dir)}",
@@ -212,6 +231,16 @@ class FineTuneRow(Row):
 
         if not settings.keep_weights:
             shutil.rmtree(work_dir / "run", ignore_errors=True)
+
+
+def instance_caption(caption: str, class_noun: str, words: str) -> str:
+    """``caption`` with the subject named by ``words``: its first ``class_noun`` replaced ("a ring on the
+    grass", "ring", "sks ring" -> "a sks ring on the grass"); a caption without the class noun is kept
+    and prefixed ("a sks ring, " + caption)."""
+    match = re.search(rf"\b{re.escape(class_noun)}\b", caption)
+    if match is None:
+        return f"a {words}, {caption}"
+    return caption[:match.start()] + words + caption[match.end():]
 
 
 def _yaml_string(value) -> str:

@@ -338,3 +338,27 @@ def test_toy_world_through_the_same_harness(tmp_path):
     assert set(table["renders"]["kinds"]) == set(KINDS)
     assert "| renders |" in files["markdown"].read_text() and "prompt fidelity" in files["markdown"].read_text()
     assert_html_refers_to_existing_files(files["html"])
+
+
+def test_caption_references_names_the_subject_the_way_each_row_prompts(tmp_path):
+    """With settings.caption_references, fine-tune rows train on copies of the references whose caption
+    files carry each reference's context with the subject named by the row's words; without, on the
+    references themselves with the one instance prompt."""
+    from personalize.config import load_config
+
+    (subject,) = toy_subjects(["zorbo"], tmp_path / "refs")
+    assert rows.instance_caption("a ring on the grass", "ring", "sks ring") == "a sks ring on the grass"
+    assert rows.instance_caption("a ringlet on the grass", "ring", "sks ring") == "a sks ring, a ringlet on the grass"
+    for recipe, words in (("toy/dreambooth", "sks ring"), ("toy/textual-inversion", "<toy-subject>")):
+        row = rows.FineTuneRow(recipe, ["model.base=tiny"])
+        work = tmp_path / row.label
+        plain = load_config(row.recipe, row.subject_overrides(subject, work / "run", EvalSettings(out=str(tmp_path))))
+        assert Path(plain.data.instance_images) == subject.references[0].parent
+        settings = EvalSettings(out=str(tmp_path), caption_references=True)
+        config = load_config(row.recipe, row.subject_overrides(subject, work / "run", settings))
+        folder = Path(config.data.instance_images)
+        assert folder.parent == work and config.data.instance_prompt == f"a {words}"
+        captions = [(folder / p.name).with_suffix(".txt").read_text().strip() for p in subject.references]
+        assert captions == [c.replace("ring", words, 1) for c in subject.captions()]
+        assert all(words in c for c in captions) and len(set(captions)) > 1  # contexts differ
+        assert [(folder / p.name).read_bytes() for p in subject.references] == [p.read_bytes() for p in subject.references]

@@ -109,11 +109,12 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
 
 
 def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 4.0, drift_images: int = 8,
-                      title: str = "ToyBench", keep_weights: bool = False):
+                      title: str = "ToyBench", keep_weights: bool = False, caption_references: bool = False):
     from personalize.harness import EvalSettings
 
     return EvalSettings(out=str(out), images_per_prompt=n, steps=steps, guidance=guidance, batch_size=40,
-                        token=TOKEN, drift_images=drift_images, title=title, keep_weights=keep_weights)
+                        token=TOKEN, drift_images=drift_images, title=title, keep_weights=keep_weights,
+                        caption_references=caption_references)
 
 
 def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int = 2, steps: int = 25,
