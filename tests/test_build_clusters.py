@@ -313,7 +313,7 @@ def test_apprenticeship_keeps_the_best_generations_and_resumes(tmp_path, monkeyp
         for i, image in enumerate(sorted(subject.glob("*.png"))[:3]):
             (tmp_path / "src").mkdir(exist_ok=True)
             shutil.copyfile(image, tmp_path / "src" / f"{c}{i}.png")
-            records.append(ClusterRecord(c, tmp_path / "src" / f"{c}{i}.png", "a toy", f"ctx{i}", "toy"))
+            records.append(ClusterRecord(c, tmp_path / "src" / f"{c}{i}.png", f"a toy in room {i}", f"ctx{i}", "toy"))
     manifest = write_manifest(records, tmp_path / "src" / "manifest.jsonl")
     settings = ApprenticeshipSettings(out=str(tmp_path / "out"), expert_recipe="tiny/lora",
                                       templates=("a {} in the snow", "a {} on the beach"), images_per_prompt=2,
@@ -325,6 +325,8 @@ def test_apprenticeship_keeps_the_best_generations_and_resumes(tmp_path, monkeyp
     target = next(r for r in written if r.role == "target")
     assert target.path.is_file() and target.text in ("a toy in the snow", "a toy on the beach")
     assert ClusterDataset(written, 2, 64).stats["targets"] == 2  # only generations are targets
+    captions = sorted(p.read_text().strip() for p in (tmp_path / "out" / "clusters" / "a" / "instance-images").glob("*.txt"))
+    assert captions == [f"a sks toy in room {i}" for i in range(3)]  # the expert learned each example's own caption
     from personalize import trainer
 
     monkeypatch.setattr(trainer.Trainer, "train", lambda self: (_ for _ in ()).throw(AssertionError("retrained")))

@@ -96,9 +96,11 @@ def apprentice_cluster(name: str, examples: list[ClusterRecord], settings: Appre
         tmp.rename(refs_dir)
     references = sorted(refs_dir.iterdir())
     prompts = [EvalPrompt(j, t, prompt_kind(t)) for j, t in enumerate(settings.templates)]
-    subject = BenchSubject(name, noun, references, prompts)
+    # the expert trains on each example's own caption with the subject named ("a sks ball on the beach"),
+    # so it does not learn the examples' backgrounds as part of the subject
+    subject = BenchSubject(name, noun, references, prompts, reference_captions=[r.text for r in examples])
     eval_settings = EvalSettings(out=settings.out, images_per_prompt=settings.images_per_prompt, seed=settings.seed,
-                                 steps=settings.steps, guidance=settings.guidance)
+                                 steps=settings.steps, guidance=settings.guidance, caption_references=True)
     overrides = [*([f"model.base={settings.base}"] if settings.base else []), *settings.overrides]
     row = FineTuneRow(settings.expert_recipe, overrides, label="expert")
     stats = row.prepare(subject, work, eval_settings, log)
