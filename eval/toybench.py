@@ -33,9 +33,9 @@ def main(argv=None) -> int:
                              "models; FOLDER default: the shipped toy one)")
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
-    parser.add_argument("--caption-references", action="store_true",
+    parser.add_argument("--caption-references", action=argparse.BooleanOptionalAction, default=True,
                         help="fine-tune rows train on each reference's own caption with the subject named "
                              "(\"a sks ring on the grass\") instead of one instance prompt")
     parser.add_argument("--out", default="outputs/toybench", help="work folder (images, per-subject results)")

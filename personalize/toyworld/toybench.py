@@ -108,8 +108,12 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
     return out
 
 
-def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 4.0, drift_images: int = 8,
-                      title: str = "ToyBench", keep_weights: bool = False, caption_references: bool = False):
+def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 6.0, drift_images: int = 8,
+                      title: str = "ToyBench", keep_weights: bool = False, caption_references: bool = True):
+    """ToyBench's settings: 25 DDIM steps at guidance 6, fine-tuning rows trained on captioned references
+    ("a sks ring on the grass"; without captions DreamBooth learns the references' backgrounds as part of
+    the subject). DreamBooth on zorbo: uncaptioned, guidance 4: subject / prompt fidelity 0.443 / 0.700;
+    captioned, guidance 4: 0.502 / 0.725; captioned, guidance 6: 0.475 / 0.800."""
     from personalize.harness import EvalSettings
 
     return EvalSettings(out=str(out), images_per_prompt=n, steps=steps, guidance=guidance, batch_size=40,
