@@ -76,6 +76,34 @@ def test_trained_reference_layers_change_the_prediction_and_only_they_get_gradie
     assert all(p.grad is None for p in unet.parameters() if id(p) not in trained)
 
 
+def test_masked_samples_skip_the_reference_branch_and_the_others_are_unchanged():
+    """A per-sample mask of 0 (reference dropout, the unconditional guidance terms) gives that sample the
+    base prediction; the other samples predict what they predict alone (the branch runs on them only)."""
+    from personalize.incontext import ReferenceFeatures
+
+    family, comps = tiny()
+    unet = comps["unet"].eval()
+    base = copy.deepcopy(unet)
+    install_reference_attention(unet, ["mid", "up"])
+    with torch.no_grad():
+        for p in reference_parameters(unet):
+            p.add_(torch.randn_like(p) * 0.1)
+    k, b = 2, 3
+    refs = encode_references(unet, torch.randn(b * k, 4, 8, 8), conditioning(family, comps, b * k), k)
+    noisy, t = inputs(comps, b)
+    cond = conditioning(family, comps, b)
+    masked = ReferenceFeatures(refs.tokens, torch.tensor([1.0, 0.0, 1.0]))
+    with torch.no_grad():
+        got = predict_noise(unet, noisy, t, cond, masked)
+        assert (got[1] - base(noisy, t, **cond).sample[1]).abs().max() < 1e-6
+        for i in (0, 2):
+            alone = ReferenceFeatures({n: v[i:i + 1] for n, v in refs.tokens.items()})
+            one = {key: v[i:i + 1] for key, v in cond.items()}
+            assert (got[i] - predict_noise(unet, noisy[i:i + 1], t[i:i + 1], one, alone)[0]).abs().max() < 1e-5
+        none = predict_noise(unet, noisy, t, cond, ReferenceFeatures(refs.tokens, torch.zeros(b)))
+    assert (none - base(noisy, t, **cond).sample).abs().max() < 1e-6
+
+
 def test_save_load_round_trip_and_wrong_family_is_a_clear_error(tmp_path):
     family, comps = tiny()
     unet = comps["unet"]

@@ -80,15 +80,23 @@ class ReferenceAttnProcessor(nn.Module):
         features = reference.for_tokens(x.shape[1]).to(x.dtype)
         if features.shape[0] != x.shape[0]:
             raise ValueError(f"reference features for {features.shape[0]} samples, hidden states for {x.shape[0]}")
-        b, n, _ = x.shape
+        batch, n, _ = x.shape
+        rows = None  # the samples that attend to references; those masked to 0 skip the branch entirely
+        if reference.mask is not None:
+            rows = reference.mask.nonzero().flatten()
+            if rows.numel() == 0:
+                return out
+            x, features = x[rows], features[rows]
+        b = x.shape[0]
         head_dim = self.to_k_ref.out_features // self.heads
         q = attn.to_q(x).view(b, n, self.heads, head_dim).transpose(1, 2)
         k = self.to_k_ref(features).view(b, -1, self.heads, head_dim).transpose(1, 2)
         v = self.to_v_ref(features).view(b, -1, self.heads, head_dim).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
         ref = self.to_out_ref(attended)
-        if reference.mask is not None:
-            ref = ref * reference.mask.to(ref.dtype).view(-1, 1, 1)
+        if rows is not None:
+            ref = ref * reference.mask[rows].to(ref.dtype).view(-1, 1, 1)
+            ref = ref.new_zeros(batch, n, ref.shape[-1]).index_copy(0, rows, ref)
         if out.ndim == 4:
             ref = ref.transpose(1, 2).reshape(out.shape)
         return out + ref / attn.rescale_output_factor
