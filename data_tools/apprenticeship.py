@@ -1,10 +1,9 @@
-"""SuTI's apprenticeship data: per cluster an expert (LoRA DreamBooth) generates the subject for new
+r"""SuTI's apprenticeship data: per cluster an expert (LoRA DreamBooth) generates the subject for new
 prompts, the best-scored fraction become in-context targets (see personalize/data/apprenticeship.py).
 
     python data_tools/apprenticeship.py data/toyworld/clusters/manifest.jsonl --out outputs/apprenticeship \
-        --recipe toy/lora --metrics toy --max-clusters 20
-    personalize train toy/incontext incontext.manifest=outputs/apprenticeship/manifest.jsonl \
-        incontext.toyworld_subjects=0 train.output_dir=outputs/toy-incontext-apprentice
+        --recipe toy/lora --metrics toy --max-clusters 12 --guidance 6
+    personalize train toy/incontext-apprentice     # the toy in-context model on OUT/manifest.jsonl
 
 A stopped run continues where it stopped (finished clusters are skipped).
 """
