@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     pipe(prompt, references[:1], captions[:1], num_images=1, steps=2)  # warm up
     incontext_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps)
     rows = {"in-context": {"total_seconds": incontext_s, "train_seconds": 0.0, "generate_seconds": incontext_s}}
+    pipe(prompt, references[:1], captions[:1], num_images=1, steps=2, bf16=True)  # warm up
+    bf16_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps, bf16=True)
+    rows["in-context, bf16 autocast"] = {"total_seconds": bf16_s, "train_seconds": 0.0, "generate_seconds": bf16_s}
     for method in [m for m in args.methods.split(",") if m]:
         rows[method] = finetune_photos_to_images(METHOD_RECIPES[method], refs_dir, subject.cls, prompt, work / method,
                                                  args.n, args.steps)
@@ -68,11 +71,13 @@ def main(argv=None) -> int:
              f" on {device} (CPU), toy model, subject {args.subject} (3 reference renders), {args.n} images, "
              f"{args.steps} DDIM steps. In-context model: {args.model or 'shipped'} (loaded in {load_s:.1f} s, "
              "not counted). Fine-tuning: the ToyBench recipe's training, then loading the result into a stock "
-             "diffusers pipeline and sampling.", "",
-             "| method | train s | generate s | photos to 4 images, s | vs in-context |", "|---|---:|---:|---:|---:|"]
+             "diffusers pipeline and sampling (fine-tuning trains under the recipes' bf16 autocast and samples in "
+             "float32).", "",
+             "| method | train s | generate s | photos to 4 images, s | vs in-context | vs in-context, bf16 |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['train_seconds']:.1f} | {r['generate_seconds']:.1f} | {r['total_seconds']:.1f} | "
-                     f"{r['total_seconds'] / incontext_s:.1f}x |")
+                     f"{r['total_seconds'] / incontext_s:.1f}x | {r['total_seconds'] / bf16_s:.1f}x |")
     lines += ["", f"Reference attention overhead on the sampling loop (batch {overhead['batch']}, {overhead['steps']} "
               f"U-Net calls, median of {overhead['repeats']} interleaved runs): {overhead['with_reference_s']:.2f} s "
               f"with vs {overhead['without_reference_s']:.2f} s without = **{overhead['ratio']:.2f}x**.", END]

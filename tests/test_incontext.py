@@ -172,6 +172,12 @@ def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
     assert pipe.reference_encodings == 1 and len(calls) == 3  # one U-Net call per step, references encoded once
     again = pipe("a red and blue toy in the snow", refs, ["a toy on grass", "a toy in the snow"], num_images=2, steps=3)
     assert all((a.tobytes() == b.tobytes()) for a, b in zip(images, again))  # seeded
+    import numpy as np
+
+    half = pipe("a red and blue toy in the snow", refs, ["a toy on grass", "a toy in the snow"], num_images=2, steps=3,
+                bf16=True)  # bfloat16 autocast: the same images up to rounding
+    diff = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in zip(images, half)]
+    assert max(diff) < 8 and pipe.reference_encodings == 3
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ReferenceImageError, match="bad.png"):

@@ -102,8 +102,18 @@ class InContextPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str, references: Sequence, reference_captions: Optional[Sequence[str]] = None,
                  num_images: int = 1, text_scale: float = 4.0, ref_scale: float = 2.0, steps: int = 25,
-                 seed: int = 0, allow_more_references: bool = False) -> list[Image.Image]:
-        """``num_images`` images of the references' subject for ``prompt``; image j uses seed ``seed + j``."""
+                 seed: int = 0, allow_more_references: bool = False, bf16: bool = False) -> list[Image.Image]:
+        """``num_images`` images of the references' subject for ``prompt``; image j uses seed ``seed + j``.
+        ``bf16``: reference encoding and the U-Net under bfloat16 autocast (the scheduler and the VAE decoder
+        stay in float32), as the trainer's ``mixed_precision: bf16``; faster on CPUs with bf16 support."""
+        device = self.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            latents = self._sample(prompt, references, reference_captions, num_images, text_scale, ref_scale, steps,
+                                   seed, allow_more_references)
+        return self.decode(latents)
+
+    def _sample(self, prompt, references, reference_captions, num_images, text_scale, ref_scale, steps, seed,
+                allow_more_references) -> torch.Tensor:
         from diffusers import DDIMScheduler
 
         images, captions = load_references(references, reference_captions, self.spec, allow_more_references)
@@ -121,11 +131,13 @@ class InContextPipeline:
         reference = ReferenceFeatures({k: v.expand(n, -1, -1) for k, v in features.tokens.items()}).repeat(3, mask)
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-            e00, ec0, ecr = predict_noise(self.models.unet, model_input, t.expand(3 * n), text, reference).chunk(3)
+            noise = predict_noise(self.models.unet, model_input, t.expand(3 * n), text, reference).float()
+            e00, ec0, ecr = noise.chunk(3)
             eps = e00 + text_scale * (ec0 - e00) + ref_scale * (ecr - ec0)
             latents = scheduler.step(eps, t, latents).prev_sample
-        return self.decode(latents)
+        return latents
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.models.vae
         pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()

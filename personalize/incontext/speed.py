@@ -24,8 +24,8 @@ def _seconds(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def incontext_photos_to_images(pipe, references: list[Path], captions: list[str], prompt: str, n: int = 4,
-                               steps: int = 25) -> float:
-    seconds, _ = _seconds(lambda: pipe(prompt, references, captions, num_images=n, steps=steps))
+                               steps: int = 25, bf16: bool = False) -> float:
+    seconds, _ = _seconds(lambda: pipe(prompt, references, captions, num_images=n, steps=steps, bf16=bf16))
     return seconds
 
 

@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-scale", type=float, default=2.0, help="reference guidance scale")
     p.add_argument("--allow-more-references", action="store_true",
                    help="allow more references than the model was trained with")
+    p.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (faster on CPUs with bf16)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--out", default="outputs/zero-shot", help="output folder")
 
@@ -88,6 +89,6 @@ def run(args) -> int:
     pipe = InContextPipeline.from_pretrained(model, base=args.base or spec.base or "toy", device=device)
     images = pipe(args.prompt, refs, captions, num_images=args.n, text_scale=args.text_scale,
                   ref_scale=args.ref_scale, steps=args.steps, seed=args.seed,
-                  allow_more_references=args.allow_more_references)
+                  allow_more_references=args.allow_more_references, bf16=args.bf16)
     save_images(images, out)
     return 0
