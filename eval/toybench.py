@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (in-context: text)")
-    parser.add_argument("--ref-guidance", type=float, default=2.0, help="in-context rows: reference guidance scale")
+    parser.add_argument("--ref-guidance", type=float, default=4.0, help="in-context rows: reference guidance scale")
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
     parser.add_argument("--caption-references", action=argparse.BooleanOptionalAction, default=True,
                         help="fine-tune rows train on each reference's own caption with the subject named "
