@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=4, help="images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--text-scale", type=float, default=4.0, help="text guidance scale")
-    p.add_argument("--ref-scale", type=float, default=2.0, help="reference guidance scale")
+    p.add_argument("--text-scale", type=float, default=6.0, help="text guidance scale (ToyBench: 6)")
+    p.add_argument("--ref-scale", type=float, default=4.0, help="reference guidance scale (ToyBench: 4)")
     p.add_argument("--allow-more-references", action="store_true",
                    help="allow more references than the model was trained with")
     p.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (faster on CPUs with bf16)")
