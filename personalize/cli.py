@@ -66,10 +66,10 @@ def cmd_demo(args) -> int:
     from personalize.toyworld.demo import run_demo
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = sorted(set(methods) - {"lora", "textual_inversion", "dreambooth"})
+    choices = ("incontext", "lora", "textual_inversion", "dreambooth")
+    unknown = sorted(set(methods) - set(choices))
     if unknown:
-        print(f"error: --methods: unknown {', '.join(unknown)}; choose from lora, textual_inversion, dreambooth",
-              file=sys.stderr)
+        print(f"error: --methods: unknown {', '.join(unknown)}; choose from {', '.join(choices)}", file=sys.stderr)
         return 2
     run_demo(Path(args.out), args.subject, methods, args.n, args.class_noun)
     return 0
@@ -127,13 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="personalize the shipped toy model to a subject with each method and report",
                        description="The toy-world demo (no download, CPU): takes a held-out toy subject (or "
-                                   "your folder of images), personalizes the toy model with LoRA, Textual "
-                                   "Inversion and DreamBooth, generates it in new scenes and writes a report "
-                                   "with subject and prompt fidelity of base vs each method.")
+                                   "your folder of images), generates it in new scenes with the shipped in-context "
+                                   "model (no training) and after personalizing the toy model with LoRA, Textual "
+                                   "Inversion and DreamBooth, and writes a report with subject and prompt fidelity "
+                                   "of base vs each method.")
     p.add_argument("--subject", default=None,
                    help="a held-out toy subject name (default: zorbo) or a folder of your own images")
-    p.add_argument("--methods", default="lora,textual_inversion,dreambooth",
-                   help="comma-separated: lora, textual_inversion, dreambooth")
+    p.add_argument("--methods", default="incontext,lora,textual_inversion,dreambooth",
+                   help="comma-separated: incontext (the shipped in-context model, no training), lora, "
+                        "textual_inversion, dreambooth")
     p.add_argument("-n", type=int, default=2, help="images per prompt")
     p.add_argument("--class-noun", default="star", help="class noun of your own subject (folder mode)")
     p.add_argument("--out", default="outputs/demo", help="output folder")

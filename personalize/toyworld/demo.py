@@ -1,5 +1,6 @@
-"""``personalize demo``: personalize the shipped toy model to one subject with each fine-tuning method,
-generate the subject in new scenes, and write a report that scores base vs each method.
+"""``personalize demo``: generate one subject in new scenes with the shipped in-context model (no
+training) and after personalizing the shipped toy model with each fine-tuning method, and write a
+report that scores base vs each method.
 
 With a held-out toy subject (the default) the toy-world judges score subject and prompt fidelity.
 With a folder of the user's own images the same methods run, but the toy model only knows the toy
@@ -19,7 +20,7 @@ from PIL import Image, ImageOps
 from personalize.toyworld.toybench import run_toybench, toybench_rows, toybench_settings
 from personalize.toyworld.world import HELDOUT_NAMES, SCENES
 
-DEFAULT_METHODS = ("lora", "textual_inversion", "dreambooth")
+DEFAULT_METHODS = ("incontext", "lora", "textual_inversion", "dreambooth")
 
 
 def _log(message: str) -> None:
