@@ -68,6 +68,7 @@ def reference_attention_overhead(pipe, references: list[Path], captions: list[st
     reference = ReferenceFeatures({k: v.expand(n, -1, -1) for k, v in features.tokens.items()}).repeat(3, mask)
     t = torch.full((3 * n,), 500)
 
+    @torch.no_grad()  # as the pipeline samples
     def loop(ref):
         for _ in range(steps):
             predict_noise(unet, latents, t, text, ref)
