@@ -38,6 +38,7 @@ class EvalSettings:
     steps: int = 50
     guidance: float = 7.5
     ref_guidance: float = 2.0  # in-context rows: the reference guidance scale (guidance is the text scale)
+    bf16: bool = False  # in-context rows: sample under bfloat16 autocast
     batch_size: int = 8
     resolution: Optional[int] = None  # default: the recipe's data.resolution (zero-shot rows: the model's own)
     token: str = "sks"  # DreamBooth / LoRA's unique identifier; Textual Inversion uses its placeholder

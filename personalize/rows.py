@@ -326,7 +326,7 @@ class ToyRendersRow(ZeroShotRow):
 class InContextRow(ZeroShotRow):
     """The in-context model (``incontext:FOLDER``, the output of ``personalize train`` with method
     incontext): generates from the subject's references directly, no training. Guidance: the harness's
-    ``guidance`` on text, ``ref_guidance`` on the references."""
+    ``guidance`` on text, ``ref_guidance`` on the references; ``bf16``: under bfloat16 autocast."""
 
     name = "incontext"
 
@@ -349,7 +349,7 @@ class InContextRow(ZeroShotRow):
         texts = [p.text(subject.class_noun) for p in subject.prompts]
         images = [pipe(text, subject.references[:k], subject.captions()[:k], num_images=settings.images_per_prompt,
                        text_scale=settings.guidance, ref_scale=settings.ref_guidance, steps=settings.steps,
-                       seed=settings.seed) for text in texts]
+                       seed=settings.seed, bf16=settings.bf16) for text in texts]
         return texts, images
 
 
