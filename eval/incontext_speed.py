@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     overhead = reference_attention_overhead(pipe, references, captions, prompt, args.n, args.steps)
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [BEGIN, "## In-context vs fine-tuning: reference photos to 4 images", "",
-             f"Measured by `python eval/incontext_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+             f"Measured by `{' '.join(['python eval/incontext_speed.py', *(argv if argv is not None else sys.argv[1:])])}`"
              f" on {device} (CPU), toy model, subject {args.subject} (3 reference renders), {args.n} images, "
              f"{args.steps} DDIM steps. In-context model: {args.model or 'shipped'} (loaded in {load_s:.1f} s, "
              "not counted). Fine-tuning: the ToyBench recipe's training, then loading the result into a stock "
