@@ -155,6 +155,7 @@ def write_doc(files: dict[str, Path], doc: Path, command: str, minutes: float, o
         if key.startswith("grid "):
             shutil.copyfile(path, grids / path.name)
     report = files["markdown"].read_text().replace("](grids/", f"]({doc.stem}/")
-    doc.write_text(report + f"\nProduced by `{command}` in {minutes:.1f} min (CPU, 2 cores; finished rows of an earlier "
-                   f"run are reused). Images and the HTML report: `{out}/report.html`.\n")
+    doc.write_text(report + f"\nProduced by `{command}` in {minutes:.1f} min (CPU, 2 cores; rows that earlier runs "
+                   "into the same folder finished are reused, and the table gives each row's own train and generate "
+                   f"seconds). Images and the HTML report: `{out}/report.html`.\n")
     return doc
