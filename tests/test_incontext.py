@@ -16,6 +16,8 @@ from personalize.incontext import (
 from personalize.models.family import FAMILIES
 from personalize.models.tiny import build_tiny
 
+from conftest import make_config
+
 
 def tiny(name="tiny-sd"):
     family, comps = build_tiny(name)
@@ -153,6 +155,27 @@ def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_
         assert not others
     spec = load_incontext(tiny()[1]["unet"], tmp_path / "run", "sd")
     assert spec.num_references == 2 and spec.base == "tiny-sd" and (spec.lora is not None) == bool(lora_rank)
+
+
+def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run, tmp_path):
+    """incontext.init_from loads a trained model's layers before training (toy/incontext-continue); a model
+    with other blocks, K or LoRA rank is a clear error naming the key."""
+    from safetensors.torch import load_file
+
+    from personalize.incontext import reference_state_dict
+    from personalize.trainer import Trainer
+
+    train_run("tiny/incontext", tmp_path / "a", "train.max_steps=2", "train.mixed_precision=no")
+    first = load_file(str(tmp_path / "a" / "run" / "incontext_weights.safetensors"))
+    assert any("to_out_ref" in k and v.abs().sum() > 0 for k, v in first.items())  # trained away from zero
+    trainer = Trainer(make_config("tiny/incontext", tmp_path / "b", "train.max_steps=1", "train.mixed_precision=no",
+                                  f"incontext.init_from={tmp_path / 'a' / 'run'}"))
+    trainer.setup()
+    loaded = reference_state_dict(trainer.models.unet)
+    assert set(loaded) == set(first) and all(torch.equal(loaded[k], first[k]) for k in first)
+    with pytest.raises(InContextLoadError, match=r"incontext.init_from: .*'blocks'"):
+        Trainer(make_config("tiny/incontext", tmp_path / "c", "incontext.blocks=[mid,up]", "train.mixed_precision=no",
+                            f"incontext.init_from={tmp_path / 'a' / 'run'}")).setup()
 
 
 def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):

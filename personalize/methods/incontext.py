@@ -42,6 +42,9 @@ class InContextConfig:
                                        "manifest's folder if the manifest is missing")
     toyworld_per_subject: int = option(6, "renders per toy-world subject (distinct contexts)")
     toyworld_seed: int = option(0, "seed of the rendered toy-world clusters")
+    init_from: Optional[str] = option(None, "start the new layers (and LoRA) from this in-context model folder, "
+                                            "e.g. to train the shipped toy one further; its blocks, K and LoRA "
+                                            "rank must match this section's")
 
     def __post_init__(self) -> None:
         if self.num_references < 1:
@@ -86,14 +89,31 @@ class InContext(Method):
 
     def setup(self, models) -> None:
         super().setup(models)
-        install_reference_attention(models.unet, self.options.blocks)
         lora = self.lora_config()
-        if lora is not None:
-            from peft import LoraConfig
+        if self.options.init_from:
+            self._init_from(models)
+        else:
+            install_reference_attention(models.unet, self.options.blocks)
+            if lora is not None:
+                from peft import LoraConfig
 
-            models.unet.add_adapter(LoraConfig(**lora))
+                models.unet.add_adapter(LoraConfig(**lora))
         for p in reference_parameters(models.unet):
             p.requires_grad_(True)
+
+    def _init_from(self, models) -> None:
+        from personalize.incontext.model import InContextLoadError, load_incontext, read_spec
+
+        spec = read_spec(self.options.init_from)  # a clear error if the folder is not an in-context model
+        given = {"blocks": sorted(spec.blocks), "num_references": spec.num_references,
+                 "lora_rank": (spec.lora or {}).get("r", 0)}
+        wanted = {"blocks": sorted(self.options.blocks), "num_references": self.options.num_references,
+                  "lora_rank": self.options.lora_rank}
+        if given != wanted:
+            diff = {k: (given[k], wanted[k]) for k in given if given[k] != wanted[k]}
+            raise InContextLoadError(f"incontext.init_from: {self.options.init_from} does not match this recipe "
+                                     f"(its value, the recipe's): {diff}")
+        load_incontext(models.unet, self.options.init_from, models.family.name)
 
     def trainable_modules(self):
         return {"unet": self.models.unet}
