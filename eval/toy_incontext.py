@@ -23,23 +23,37 @@ from personalize.toyworld.model import ASSETS  # noqa: E402
 TARGET = ASSETS / "toy-incontext"
 
 
-def card(config: dict, summary: dict, recipe: str) -> str:
+def earlier_stages(options: dict) -> str:
+    """The training stages (one line each) of the model this run started from (``incontext.init_from``),
+    read from its card."""
+    start = options.get("init_from")
+    if not start:
+        return ""
+    previous = Path(start) / "README.md"
+    text = previous.read_text() if previous.is_file() else ""
+    stages = [line for line in text.splitlines() if line.startswith("- Stage ")]
+    if not stages:  # a card from before stages: its one "- Run:" bullet, joined onto one line
+        run = text[text.index("- Run:"):].split("\n- ")[0] if "- Run:" in text else f"- Run: the model in {start}"
+        stages = ["- Stage 1 (`personalize train toy/incontext`): " + " ".join(run.split())[len("- Run: "):]]
+    return "\n".join(stages) + "\n"
+
+
+def card(config: dict, summary: dict, recipe: str, earlier: str = "") -> str:
     train = config.get("train", {})
     options = config.get("incontext", {})
     minutes = summary.get("train_seconds", 0) / 60
+    stage = earlier.count("- Stage ") + 1
     return f"""# Toy in-context model
 
 Reference attention (SuTI / Re-Imagen style, `personalize/incontext/`) trained on the shipped toy base
-model (`model.base: toy`, frozen) with this project's trainer: `personalize train {recipe}`.
+model (`model.base: toy`, frozen) with this project's trainer, in the stages listed below.
 
 - Training data: toy-world clusters of {options.get('toyworld_subjects')} training subjects x
   {options.get('toyworld_per_subject')} renders in distinct contexts (`{options.get('manifest')}`); targets
   differ in context from their {options.get('num_references')} examples; the 12 held-out ToyBench subjects never appear.
 - Layers: reference attention on the `{', '.join(options.get('blocks', []))}` blocks; base frozen
   (LoRA rank: {options.get('lora_rank')}).
-- Run: {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate {train.get('learning_rate')}
-  ({train.get('lr_scheduler')}), {train.get('mixed_precision')}; {minutes:.0f} min of training on the machine
-  that trained it; final logged loss {summary.get('final_loss', float('nan')):.4f}.
+{earlier}- Stage {stage} (`personalize train {recipe}`): {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate {train.get('learning_rate')} ({train.get('lr_scheduler')}), {train.get('mixed_precision')}; {minutes:.0f} min of training on the machine that trained it; final logged loss {summary.get('final_loss', float('nan')):.4f}.
 - ToyBench (subject / prompt fidelity against LoRA and DreamBooth): `docs/toybench.md`.
 
 Use: `personalize zero-shot --refs a.png b.png c.png --ref-captions ... --prompt "a star in the snow"`
@@ -62,7 +76,7 @@ def ship(run_dir: Path, recipe: str, target: Path = TARGET) -> Path:
     tmp.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, "run_summary.json"):
         shutil.copyfile(run_dir / name, tmp / name)
-    (tmp / "README.md").write_text(card(config, summary, recipe))
+    (tmp / "README.md").write_text(card(config, summary, recipe, earlier_stages(config.get("incontext", {}))))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
