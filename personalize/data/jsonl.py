@@ -15,9 +15,9 @@ T = TypeVar("T")
 
 
 def parse_jsonl(path: str | Path, parse: Callable[[dict, int], T]) -> tuple[list[T], list[tuple[int, str]]]:
-    """``parse(record, line number)`` for every non-blank line of ``path``; returns the parsed items and, for each line
-    that is not a JSON object or that ``parse`` rejects (``KeyError``: a missing key; ``ValueError`` or
-    ``TypeError``: its message), ``(line number, what is wrong)``."""
+    """``parse(record, line number)`` for every non-blank line of ``path``; returns the parsed items and,
+    for each line that is not a JSON object or that ``parse`` rejects (``KeyError``: a missing key;
+    ``ValueError``, ``TypeError`` or ``AttributeError``: its message), ``(line number, what is wrong)``."""
     items, bad = [], []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
