@@ -32,10 +32,7 @@ def earlier_stages(options: dict) -> str:
     previous = Path(start) / "README.md"
     text = previous.read_text() if previous.is_file() else ""
     stages = [line for line in text.splitlines() if line.startswith("- Stage ")]
-    if not stages:  # a card from before stages: its one "- Run:" bullet, joined onto one line
-        run = text[text.index("- Run:"):].split("\n- ")[0] if "- Run:" in text else f"- Run: the model in {start}"
-        stages = ["- Stage 1 (`personalize train toy/incontext`): " + " ".join(run.split())[len("- Run: "):]]
-    return "\n".join(stages) + "\n"
+    return "\n".join(stages or [f"- Stage 1: the model in {start} (no card)"]) + "\n"
 
 
 def card(config: dict, summary: dict, recipe: str, earlier: str = "") -> str:
