@@ -37,7 +37,8 @@ def main(argv=None) -> int:
 
     from personalize.data.cluster_builder import build_manifest, stats_path
     from personalize.data.images import DataError
-    from personalize.metrics import ClipMetric, MetricWeightsError, ToyJudgeMetrics
+    from personalize.metrics import ClipMetric, MetricWeightsError
+    from personalize.toyworld.judge_metrics import ToyJudgeMetrics
 
     try:
         if args.embedder == "toy":

@@ -14,14 +14,13 @@ bicubic, center crop 224, CLIP mean/std).
 
 A :class:`SubjectMetrics` answers ``image_similarity(generated, references)`` and
 ``text_similarity(images, prompts)``; each names the column it fills (``image_metric``,
-``text_metric``). :class:`ToyJudgeMetrics` puts ToyBench's judges behind the same interface, so one
-harness scores DreamBench and the toy world.
+``text_metric``). :class:`personalize.toyworld.judge_metrics.ToyJudgeMetrics` puts ToyBench's judges
+behind the same interface, so one harness scores DreamBench and the toy world.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from abc import ABC
 from pathlib import Path
 from typing import Optional, Sequence
@@ -287,77 +286,6 @@ def resolve_weights(source: Optional[str], repo_id: str, setting: str, files: Se
     return fetch(local_only=False)
 
 
-# -- the toy world --------------------------------------------------------------------------------
-
-def toy_prompt_attributes(prompt: str) -> dict[str, str]:
-    """What a toy-world prompt (class noun, no unique token) asks for: its ``class``, and ``color``,
-    ``scene``, ``accessory`` where it names one ("a purple star", "a star in the snow",
-    "a star wearing a santa hat"). The color is a color word before the class noun."""
-    from personalize.toyworld.world import ACCESSORIES, CLASSES, COLORS, SCENES
-
-    text = " ".join(prompt.lower().split())
-    asked = {}
-    cls = next((c for c in CLASSES if re.search(rf"\b{c}\b", text)), None)
-    if cls:
-        asked["class"] = cls
-        before = text[:re.search(rf"\b{cls}\b", text).start()].split()
-        color = next((w for w in reversed(before) if w in COLORS), None)
-        if color:
-            asked["color"] = color
-    scenes = [(len(words), name) for name, words in SCENES.items() if words in text]
-    if scenes:
-        asked["scene"] = max(scenes)[1]
-    wearing = text.split(" wearing ", 1)[1] if " wearing " in text else ""
-    accessories = [(len(words), name) for name, words in ACCESSORIES.items() if wearing.startswith(words)]
-    if accessories:
-        asked["accessory"] = max(accessories)[1]
-    return asked
-
-
-class ToyJudgeMetrics(SubjectMetrics):
-    """ToyBench's judges (``personalize.toyworld.judge.Judges``) as a :class:`SubjectMetrics`:
-    subject fidelity = identity-embedding cosine over (generated, reference) pairs, as DINO;
-    prompt fidelity = the fraction of images that show what their prompt asks.
-
-    ``text_similarity`` takes prompt texts (it checks what the text names: class, and color, scene or
-    accessory where named) or toy-world ``ImageSpec`` targets (then exactly ``Judges.prompt_fidelity``,
-    which also checks the subject's own color where the prompt asks no other, as ToyBench does)."""
-
-    image_metric, text_metric = "subject_fidelity", "prompt_fidelity"
-
-    def __init__(self, judges):
-        self.judges = judges
-
-    @classmethod
-    def load(cls, path: Optional[str] = None) -> "ToyJudgeMetrics":
-        from personalize.toyworld.judge import Judges
-
-        try:
-            return cls(Judges.load(path))
-        except FileNotFoundError as err:
-            raise MetricWeightsError(str(err)) from None
-
-    @staticmethod
-    def _pixels(images: Sequence) -> list[np.ndarray]:
-        return [np.asarray(as_pil(im)) for im in images]
-
-    def embed_images(self, images: Sequence) -> torch.Tensor:
-        return self.judges.embed(self._pixels(images))
-
-    def image_similarity(self, generated: Sequence, references: Sequence) -> float:
-        return float(self.judges.subject_fidelity(self._pixels(generated), self._pixels(references)))
-
-    def text_similarity(self, images: Sequence, prompts) -> float:
-        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if not all(isinstance(p, str) for p in prompts):  # ImageSpec targets
-            return float(self.judges.prompt_fidelity(self._pixels(images), prompts))
-        predicted = self.judges.attributes(self._pixels(images))
-        asked = [toy_prompt_attributes(p) for p in prompts]
-        return float(np.mean([all(seen.get(k) == v for k, v in want.items()) for seen, want in zip(predicted, asked)]))
-
-
 # -- tiny random encoders (tests, CPU smoke runs: the numbers mean nothing) --------------------------
 
 def tiny_dino(seed: int = 0, device=None) -> DinoMetric:
@@ -399,6 +327,8 @@ def load_metrics(kind: str = "dreambench", dino_weights: Optional[str] = None, c
     (``tiny``: the same code paths offline, meaningless numbers). Every missing weight file is named in
     one error."""
     if kind == "toy":
+        from personalize.toyworld.judge_metrics import ToyJudgeMetrics
+
         return [ToyJudgeMetrics.load(judges)]
     if kind == "tiny":
         return [tiny_dino(device=device), tiny_clip(device=device)]

@@ -316,7 +316,7 @@ class ExactJudges:
 
 
 def test_toy_world_through_the_same_harness(tmp_path):
-    from personalize.metrics import ToyJudgeMetrics
+    from personalize.toyworld.judge_metrics import ToyJudgeMetrics
     from personalize.toyworld.world import render
 
     subjects = toy_subjects(["zorbo", "plimm"], tmp_path / "refs", prompt_indices=[0, 9, 14, 18])

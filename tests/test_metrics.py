@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from personalize.metrics import (
-    ClipMetric, DinoMetric, MetricWeightsError, SubjectMetrics, ToyJudgeMetrics, dino_transform, load_metrics,
-    pairwise_cosine, tiny_clip, tiny_dino, toy_prompt_attributes,
+    ClipMetric, DinoMetric, MetricWeightsError, SubjectMetrics, dino_transform, load_metrics, pairwise_cosine,
+    tiny_clip, tiny_dino,
 )
+from personalize.toyworld.judge_metrics import ToyJudgeMetrics, toy_prompt_attributes
 
 
 def _image(seed: int, size=(40, 48)) -> Image.Image:

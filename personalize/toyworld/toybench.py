@@ -5,7 +5,7 @@ DreamBench's three kinds (recontextualization, accessorization, property modific
 per prompt with fixed seeds. It runs on the evaluation harness (:mod:`personalize.harness`) like
 DreamBench: a method personalizes the toy base model on the references with this project's trainer and
 a recipe (``recipes/toy/<method>.yaml``), then generates; the judges
-(:class:`personalize.metrics.ToyJudgeMetrics`) score subject fidelity (identity-embedding cosine to the
+(:class:`personalize.toyworld.judge_metrics.ToyJudgeMetrics`) score subject fidelity (identity-embedding cosine to the
 references, like DINO) and prompt fidelity (the fraction of images that show what the prompt asked).
 The *ceiling* row scores real renders of the subject in each prompt's context; the *base* row is the
 base model prompted with the class noun.
@@ -133,7 +133,7 @@ def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int
 
     from personalize.dreambench import toy_subjects
     from personalize.harness import run_benchmark
-    from personalize.metrics import ToyJudgeMetrics
+    from personalize.toyworld.judge_metrics import ToyJudgeMetrics
 
     start = time.perf_counter()
     bench_subjects = toy_subjects(list(subjects), out / "toy-subjects")
