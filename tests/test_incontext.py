@@ -159,7 +159,7 @@ def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_
 
 def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run, tmp_path):
     """incontext.init_from loads a trained model's layers before training (toy/incontext-continue); a model
-    with other blocks, K or LoRA rank is a clear error naming the key."""
+    with blocks the recipe lacks, another K or another LoRA rank is a clear error naming the key."""
     from safetensors.torch import load_file
 
     from personalize.incontext import reference_state_dict
@@ -173,9 +173,41 @@ def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run,
     trainer.setup()
     loaded = reference_state_dict(trainer.models.unet)
     assert set(loaded) == set(first) and all(torch.equal(loaded[k], first[k]) for k in first)
-    with pytest.raises(InContextLoadError, match=r"incontext.init_from: .*'blocks'"):
-        Trainer(make_config("tiny/incontext", tmp_path / "c", "incontext.blocks=[mid,up]", "train.mixed_precision=no",
-                            f"incontext.init_from={tmp_path / 'a' / 'run'}")).setup()
+    for override, key in (("incontext.blocks=[mid]", "blocks"), ("incontext.num_references=3", "num_references")):
+        with pytest.raises(InContextLoadError, match=rf"incontext.init_from: .*'{key}'"):
+            Trainer(make_config("tiny/incontext", tmp_path / "c", override, "train.mixed_precision=no",
+                                f"incontext.init_from={tmp_path / 'a' / 'run'}")).setup()
+
+
+def test_init_from_can_grow_the_model_without_changing_its_predictions(train_run, tmp_path):
+    """A recipe may add block groups and LoRA to the model it starts from: the saved layers load into
+    their places, the added ones start at zero, so the grown model predicts what the saved one does."""
+    from personalize.incontext import reference_state_dict
+    from personalize.incontext.pipeline import InContextPipeline
+    from personalize.trainer import Trainer
+
+    train_run("tiny/incontext", tmp_path / "a", "train.max_steps=2", "train.mixed_precision=no")
+    saved = InContextPipeline.from_pretrained(tmp_path / "a" / "run", base="tiny-sd")
+    grown = Trainer(make_config("tiny/incontext", tmp_path / "b", "train.max_steps=1", "train.mixed_precision=no",
+                                "incontext.blocks=[mid,up]", "incontext.lora_rank=4",
+                                f"incontext.init_from={tmp_path / 'a' / 'run'}"))
+    grown.setup()
+    unet = grown.models.unet
+    assert any(k.startswith("mid_block.") for k in reference_state_dict(unet))
+    assert any("lora_A" in n for n, _ in unet.named_parameters())
+    saved_unet = saved.models.unet
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8)
+    refs = torch.randn(4, 4, 8, 8)
+    text = torch.randn(4, 77, saved_unet.config.cross_attention_dim)
+    t = torch.tensor([10, 500])
+    outs = []
+    with torch.no_grad():
+        for model in (saved_unet, unet):
+            model.eval()
+            features = encode_references(model, refs, {"encoder_hidden_states": text}, 2)
+            outs.append(predict_noise(model, latents, t, {"encoder_hidden_states": text[:2]}, features))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
 
 
 def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):

@@ -130,9 +130,13 @@ def read_spec(path: str | Path) -> InContextSpec:
         raise InContextLoadError(f"{config_file}: unreadable in-context config ({err})") from None
 
 
-def load_incontext(unet, path: str | Path, family: str) -> InContextSpec:
+def load_incontext(unet, path: str | Path, family: str, grow: bool = False) -> InContextSpec:
     """Install reference attention (and LoRA, if it was trained with it) on ``unet`` and load the
-    weights saved in ``path``; refuses weights made for another base model family or U-Net shape."""
+    weights saved in ``path``; refuses weights made for another base model family or U-Net shape.
+
+    ``grow``: ``unet`` already carries reference attention in more block groups than ``path`` has
+    (and may carry LoRA that ``path`` lacks); the saved layers are loaded into their places and the
+    others keep their zero-initialized outputs, so the grown model starts as the saved one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -158,7 +162,7 @@ def load_incontext(unet, path: str | Path, family: str) -> InContextSpec:
         set_peft_model_state_dict(unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
     own = reference_state_dict(unet)
     given = {k: v for k, v in state.items() if not k.startswith("lora.")}
-    if set(own) != set(given):
+    if set(own) != set(given) and not (grow and set(given) <= set(own)):
         missing, extra = sorted(set(own) - set(given)), sorted(set(given) - set(own))
         raise InContextLoadError(f"{path / WEIGHTS_NAME}: reference layers do not match this U-Net "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")

@@ -102,18 +102,30 @@ class InContext(Method):
             p.requires_grad_(True)
 
     def _init_from(self, models) -> None:
+        """Start from a trained in-context model. The recipe may grow it: reference attention in more
+        block groups, or LoRA where it had none; the added layers start at zero, so training starts
+        from exactly the saved model's predictions."""
+        from peft import LoraConfig
+
         from personalize.incontext.model import InContextLoadError, load_incontext, read_spec
 
         spec = read_spec(self.options.init_from)  # a clear error if the folder is not an in-context model
-        given = {"blocks": sorted(spec.blocks), "num_references": spec.num_references,
-                 "lora_rank": (spec.lora or {}).get("r", 0)}
-        wanted = {"blocks": sorted(self.options.blocks), "num_references": self.options.num_references,
-                  "lora_rank": self.options.lora_rank}
-        if given != wanted:
-            diff = {k: (given[k], wanted[k]) for k in given if given[k] != wanted[k]}
+        given_rank = (spec.lora or {}).get("r", 0)
+        problems = {}
+        if not set(spec.blocks) <= set(self.options.blocks):
+            problems["blocks"] = (sorted(spec.blocks), sorted(self.options.blocks))
+        if spec.num_references != self.options.num_references:
+            problems["num_references"] = (spec.num_references, self.options.num_references)
+        if given_rank not in (0, self.options.lora_rank):
+            problems["lora_rank"] = (given_rank, self.options.lora_rank)
+        if problems:
             raise InContextLoadError(f"incontext.init_from: {self.options.init_from} does not match this recipe "
-                                     f"(its value, the recipe's): {diff}")
-        load_incontext(models.unet, self.options.init_from, models.family.name)
+                                     f"(its value, the recipe's; the recipe may add block groups, and LoRA to a "
+                                     f"model without it): {problems}")
+        install_reference_attention(models.unet, self.options.blocks)
+        if self.options.lora_rank and not given_rank:
+            models.unet.add_adapter(LoraConfig(**self.lora_config()))
+        load_incontext(models.unet, self.options.init_from, models.family.name, grow=True)
 
     def trainable_modules(self):
         return {"unet": self.models.unet}
