@@ -5,6 +5,7 @@ the weights and docs/toy-model.md. With --ship, first store a trained pipeline f
 
     python eval/toy_model.py --ship outputs/toy-base   # after `personalize train toy/vae` and `toy/base`
     python eval/toy_model.py                           # re-measure the shipped model
+    python eval/toy_model.py --card-only               # rewrite the card from the stored measurements
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from personalize.toyworld.card import _run_info, measure, model_card, ship  # noqa: E402
+from personalize.toyworld.card import RUNS_NAME, _run_info, measure, model_card, ship  # noqa: E402
 from personalize.toyworld.model import TOY_MODEL_DIR  # noqa: E402
 
 
@@ -29,12 +30,19 @@ def main(argv=None) -> int:
                         help="output_dir of toy/base-continue")
     parser.add_argument("-n", type=int, default=200, help="random captions for the prompt read-back")
     parser.add_argument("--doc", type=Path, default=Path("docs/toy-model.md"))
+    parser.add_argument("--card-only", action="store_true",
+                        help="do not measure: rewrite the card from the shipped measurements.json")
     args = parser.parse_args(argv)
+    if args.ship and args.card_only:
+        parser.error("--ship stores new weights, which must be measured: leave out --card-only")
     if args.ship:
         print(f"shipped {ship(args.ship)}")
-    measured = measure(TOY_MODEL_DIR, n_captions=args.n)
-    print(json.dumps(measured, indent=2))
-    runs = TOY_MODEL_DIR / "training_runs.json"  # kept with the weights: the runs' own folders are not
+    if args.card_only:
+        measured = json.loads((TOY_MODEL_DIR / "measurements.json").read_text())
+    else:
+        measured = measure(TOY_MODEL_DIR, n_captions=args.n)
+        print(json.dumps(measured, indent=2))
+    runs = TOY_MODEL_DIR / RUNS_NAME
     info = json.loads(runs.read_text()) if runs.is_file() else {"vae": {}, "base": {}}
     for key, run_dir in (("vae", args.vae_run), ("base", args.base_run), ("continue", args.continue_run)):
         if (run_dir / "run_summary.json").is_file():

@@ -160,3 +160,22 @@ def test_shipped_toy_model_loads_in_stock_diffusers_and_samples():
     image = pipe("a red star on the beach", num_inference_steps=4, height=64, width=64,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.02
+
+
+def test_shipping_a_new_toy_model_keeps_the_record_of_earlier_stages(tmp_path):
+    """eval/toy_model.py --ship replaces the weights; the earlier stages' record (their run folders are
+    gone) stays, so the card still says how the VAE and the first U-Net stage were trained."""
+    from personalize.config import ModelConfig
+    from personalize.models import load_models
+    from personalize.toyworld.card import RUNS_NAME, ship
+
+    load_models(ModelConfig(base="tiny-sd")).pipeline().save_pretrained(tmp_path / "trained")
+    target = tmp_path / "shipped"
+    target.mkdir()
+    (target / RUNS_NAME).write_text(json.dumps({"vae": {"steps": 1500}, "base": {"steps": 3000}}))
+    (target / "stale.txt").write_text("from the earlier model")
+    ship(tmp_path / "trained", target)
+    assert json.loads((target / RUNS_NAME).read_text()) == {"vae": {"steps": 1500}, "base": {"steps": 3000}}
+    assert not (target / "stale.txt").exists() and (target / "model_index.json").is_file()
+    unet = json.loads((target / "unet" / "config.json").read_text())
+    assert unet["_class_name"] == "UNet2DConditionModel"

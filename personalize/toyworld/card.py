@@ -16,9 +16,12 @@ import torch
 from personalize.toyworld.model import TOY_MODEL_DIR, vae_psnr
 from personalize.toyworld.world import render, sample_spec
 
+RUNS_NAME = "training_runs.json"  # kept with the weights: the training stages' own run folders are not
+
 
 def ship(source: Path, target: Path = TOY_MODEL_DIR) -> Path:
-    """Copy a trained pipeline folder to ``target`` with every weight stored in fp16 safetensors."""
+    """Copy a trained pipeline folder to ``target`` with every weight stored in fp16 safetensors. The
+    record of the earlier training stages (``training_runs.json``) is kept: their run folders are gone."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32, safety_checker=None,
@@ -26,6 +29,8 @@ def ship(source: Path, target: Path = TOY_MODEL_DIR) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    if (target / RUNS_NAME).is_file():
+        shutil.copy2(target / RUNS_NAME, tmp / RUNS_NAME)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
