@@ -153,8 +153,21 @@ def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_
         assert others and all("lora_" in n for n in others)
     else:
         assert not others
-    spec = load_incontext(tiny()[1]["unet"], tmp_path / "run", "sd")
+    unfused = tiny()[1]["unet"]
+    spec = load_incontext(unfused, tmp_path / "run", "sd")
     assert spec.num_references == 2 and spec.base == "tiny-sd" and (spec.lora is not None) == bool(lora_rank)
+    from personalize.incontext.pipeline import InContextPipeline
+
+    fused = InContextPipeline.from_pretrained(tmp_path / "run", base="tiny-sd").models.unet  # LoRA merged
+    torch.manual_seed(0)
+    latents, refs, t = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(4, 77, unfused.config.cross_attention_dim)
+    with torch.no_grad():
+        outs = [predict_noise(unet, latents, t, {"encoder_hidden_states": text[:2]},
+                              encode_references(unet, refs, {"encoder_hidden_states": text}, 2))
+                for unet in (unfused, fused)]
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    assert any(getattr(m, "merged", False) for m in fused.modules()) == bool(lora_rank)
 
 
 def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run, tmp_path):

@@ -70,6 +70,8 @@ class InContextPipeline:
 
         models = load_models(ModelConfig(base=base, **model_options))
         spec = load_incontext(models.unet, incontext, models.family.name)
+        if spec.lora is not None:  # generation only: merge LoRA into the U-Net's weights, no extra matmuls
+            models.unet.fuse_lora()
         pipe = cls(models, spec)
         return pipe.to(device) if device is not None else pipe
 
