@@ -5,6 +5,9 @@ personalize/toyworld/assets/toy-incontext/ with a model card (README.md) naming 
 
     personalize train toy/incontext                              # ~1 h on 2 CPU cores
     python eval/toy_incontext.py --ship outputs/toy-incontext    # then ToyBench: python eval/toybench.py --rows ...,incontext
+
+A model trained in stages (``incontext.init_from``) gets every stage on its card, read from the card or
+the run folder of the model it started from.
 """
 
 from __future__ import annotations
@@ -23,34 +26,57 @@ from personalize.toyworld.model import ASSETS  # noqa: E402
 TARGET = ASSETS / "toy-incontext"
 
 
-def earlier_stages(options: dict) -> str:
-    """The training stages (one line each) of the model this run started from (``incontext.init_from``),
-    read from its card."""
-    start = options.get("init_from")
-    if not start:
-        return ""
-    previous = Path(start) / "README.md"
-    text = previous.read_text() if previous.is_file() else ""
-    stages = [line for line in text.splitlines() if line.startswith("- Stage ")]
-    return "\n".join(stages or [f"- Stage 1: the model in {start} (no card)"]) + "\n"
-
-
-def card(config: dict, summary: dict, recipe: str, earlier: str = "") -> str:
+def stage_line(number: int, config: dict, summary: dict, how: str) -> str:
     train = config.get("train", {})
     options = config.get("incontext", {})
-    minutes = summary.get("train_seconds", 0) / 60
-    stage = earlier.count("- Stage ") + 1
+    lora = ""
+    if options.get("lora_rank"):
+        lora = f", LoRA rank {options['lora_rank']} (learning rate {options.get('lora_learning_rate') or 'the same'})"
+    return (f"- Stage {number} ({how}): reference attention on the `{', '.join(options.get('blocks', []))}` "
+            f"blocks{lora}; {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate "
+            f"{train.get('learning_rate')} ({train.get('lr_scheduler')}), {train.get('mixed_precision')}; "
+            f"{summary.get('train_seconds', 0) / 60:.0f} min of training on the machine that trained it; final "
+            f"logged loss {summary.get('final_loss', float('nan')):.4f}.")
+
+
+def earlier_stages(options: dict) -> list[str]:
+    """The training stages (one line each) of the model a run started from (``incontext.init_from``):
+    from its card if it has one (the shipped model), else from its run folder, following its own
+    ``init_from`` back to the first stage."""
+    import yaml
+
+    start = options.get("init_from")
+    if not start:
+        return []
+    start = Path(start)
+    card_file = start / "README.md"
+    if card_file.is_file():
+        stages = [line for line in card_file.read_text().splitlines() if line.startswith("- Stage ")]
+        if stages:
+            return stages
+    if (start / "config.yaml").is_file() and (start / "run_summary.json").is_file():
+        config = yaml.safe_load((start / "config.yaml").read_text())
+        before = earlier_stages(config.get("incontext", {}))
+        summary = json.loads((start / "run_summary.json").read_text())
+        return [*before, stage_line(len(before) + 1, config, summary, f"`personalize train`, into `{start}`")]
+    return [f"- Stage 1: the model in {start} (no card, no run record)"]
+
+
+def card(config: dict, summary: dict, recipe: str, earlier: list[str] = ()) -> str:
+    options = config.get("incontext", {})
+    lora = (f"LoRA of rank {options['lora_rank']} on its U-Net" if options.get("lora_rank")
+            else "the base frozen")
+    stages = [*earlier, stage_line(len(earlier) + 1, config, summary, f"`personalize train {recipe}`")]
+    lines = "\n".join(stages)
     return f"""# Toy in-context model
 
 Reference attention (SuTI / Re-Imagen style, `personalize/incontext/`) trained on the shipped toy base
-model (`model.base: toy`, frozen) with this project's trainer, in the stages listed below.
+model (`model.base: toy`), {lora}, with this project's trainer, in the stages listed below.
 
 - Training data: toy-world clusters of {options.get('toyworld_subjects')} training subjects x
   {options.get('toyworld_per_subject')} renders in distinct contexts (`{options.get('manifest')}`); targets
   differ in context from their {options.get('num_references')} examples; the 12 held-out ToyBench subjects never appear.
-- Layers: reference attention on the `{', '.join(options.get('blocks', []))}` blocks; base frozen
-  (LoRA rank: {options.get('lora_rank')}).
-{earlier}- Stage {stage} (`personalize train {recipe}`): {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate {train.get('learning_rate')} ({train.get('lr_scheduler')}), {train.get('mixed_precision')}; {minutes:.0f} min of training on the machine that trained it; final logged loss {summary.get('final_loss', float('nan')):.4f}.
+{lines}
 - ToyBench (subject / prompt fidelity against LoRA and DreamBooth): `docs/toybench.md`.
 
 Use: `personalize zero-shot --refs a.png b.png c.png --ref-captions ... --prompt "a star in the snow"`
