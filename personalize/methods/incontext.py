@@ -89,15 +89,14 @@ class InContext(Method):
 
     def setup(self, models) -> None:
         super().setup(models)
-        lora = self.lora_config()
+        install_reference_attention(models.unet, self.options.blocks)
         if self.options.init_from:
-            self._init_from(models)
-        else:
-            install_reference_attention(models.unet, self.options.blocks)
-            if lora is not None:
-                from peft import LoraConfig
+            self._init_from(models)  # loads the saved layers, and the saved LoRA if it has one
+        lora = self.lora_config()
+        if lora is not None and not getattr(models.unet, "peft_config", None):
+            from peft import LoraConfig
 
-                models.unet.add_adapter(LoraConfig(**lora))
+            models.unet.add_adapter(LoraConfig(**lora))
         for p in reference_parameters(models.unet):
             p.requires_grad_(True)
 
@@ -105,8 +104,6 @@ class InContext(Method):
         """Start from a trained in-context model. The recipe may grow it: reference attention in more
         block groups, or LoRA where it had none; the added layers start at zero, so training starts
         from exactly the saved model's predictions."""
-        from peft import LoraConfig
-
         from personalize.incontext.model import InContextLoadError, load_incontext, read_spec
 
         spec = read_spec(self.options.init_from)  # a clear error if the folder is not an in-context model
@@ -122,9 +119,6 @@ class InContext(Method):
             raise InContextLoadError(f"incontext.init_from: {self.options.init_from} does not match this recipe "
                                      f"(its value, the recipe's; the recipe may add block groups, and LoRA to a "
                                      f"model without it): {problems}")
-        install_reference_attention(models.unet, self.options.blocks)
-        if self.options.lora_rank and not given_rank:
-            models.unet.add_adapter(LoraConfig(**self.lora_config()))
         load_incontext(models.unet, self.options.init_from, models.family.name, grow=True)
 
     def trainable_modules(self):
