@@ -3,17 +3,22 @@
 ``accelerator.save_state`` writes into ``checkpoints/.tmp-checkpoint-N``; only after everything is on
 disk (the last file written is ``trainer_state.json``) is the folder renamed to ``checkpoint-N``. A
 kill during a save leaves a ``.tmp-`` folder that resume ignores and the next save removes.
+A stop request (SIGINT/SIGTERM, :class:`StopRequest`) lets the trainer finish its step and save a
+checkpoint before it exits, so a stopped run loses nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
+logger = logging.getLogger("personalize")
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -80,3 +85,30 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+class TrainingStopped(SystemExit):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. Exit code 128 + signal number."""
+
+
+class StopRequest:
+    """While active, SIGINT/SIGTERM only set ``signum``: the training loop finishes its step, saves a
+    checkpoint and stops (:class:`TrainingStopped`); a second signal stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("got %s: finishing this step, saving a checkpoint, then stopping "
+                       "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from personalize import checkpointing
+from personalize.checkpointing import StopRequest, TrainingStopped
 from personalize.config import Config, ConfigError
 from personalize.data.cache import TextCache, cache_latents
 from personalize.data.class_images import ensure_class_images
@@ -39,30 +39,6 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing was exported."""
-
-
-class TrainingStopped(SystemExit):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. Exit code 128 + signal number."""
-
-
-class _StopRequest:
-    def __init__(self):
-        self.signum = 0
-
-    def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning("got %s: finishing this step, saving a checkpoint, then stopping "
-                       "(send it again to stop at once)", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 class Trainer:
@@ -241,7 +217,7 @@ class Trainer:
         bar = tqdm(total=train.max_steps, initial=self.step, desc=f"{self.method.name}",
                    disable=not (train.progress_bar and acc.is_main_process))
         self._loop_start = time.perf_counter()
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while self.step < train.max_steps:
                 terms = self._optimizer_step(batches, accumulation)
                 self.step += 1
@@ -306,7 +282,7 @@ class Trainer:
                 f"Lower train.learning_rate, use mixed_precision=bf16 or no, or resume from a checkpoint in "
                 f"{self.checkpoint_root}.")
 
-    def _stop_requested(self, stop: _StopRequest) -> bool:
+    def _stop_requested(self, stop: StopRequest) -> bool:
         if self.accelerator.num_processes == 1:
             return bool(stop.signum)
         flag = torch.tensor(float(stop.signum), device=self.accelerator.device)

@@ -223,6 +223,45 @@ def test_init_from_can_grow_the_model_without_changing_its_predictions(train_run
     assert (outs[0] - outs[1]).abs().max() < 1e-5
 
 
+def test_init_from_can_add_lora_target_modules_but_not_remove_them(train_run, tmp_path):
+    """LoRA of the same rank may spread to more U-Net modules (feed-forward, ResNet convolutions): the
+    saved LoRA loads into its modules, the added ones start with B = 0, so predictions do not change;
+    fewer modules than the saved LoRA has is refused, naming the key."""
+    from personalize.trainer import Trainer
+
+    attention = "incontext.lora_target_modules=[to_q,to_k,to_v,to_out.0]"
+    more = "incontext.lora_target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,conv1,conv2]"
+    train_run("tiny/incontext", tmp_path / "a", "train.max_steps=2", "train.mixed_precision=no",
+              "incontext.lora_rank=4", attention)
+    saved_unet = tiny()[1]["unet"]
+    load_incontext(saved_unet, tmp_path / "a" / "run", "sd")
+    grown = Trainer(make_config("tiny/incontext", tmp_path / "b", "train.max_steps=1", "train.mixed_precision=no",
+                                "incontext.lora_rank=4", more, f"incontext.init_from={tmp_path / 'a' / 'run'}"))
+    grown.setup()
+    unet = grown.models.unet
+    params = dict(unet.named_parameters())
+    saved_params = dict(saved_unet.named_parameters())
+    conv_b = [n for n in params if ".conv1.lora_B" in n]
+    assert conv_b and all(params[n].abs().sum() == 0 for n in conv_b)  # added LoRA starts at zero
+    attn_b = [n for n in saved_params if "to_q.lora_B" in n]
+    assert attn_b and all(torch.equal(params[n], saved_params[n]) for n in attn_b)  # saved LoRA loaded
+    assert any(saved_params[n].abs().sum() > 0 for n in attn_b)  # ... and it was trained away from zero
+    assert all(p.requires_grad for n, p in params.items() if "lora_" in n)
+    torch.manual_seed(0)
+    latents, refs, t = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(4, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        outs = [predict_noise(m.eval(), latents, t, {"encoder_hidden_states": text[:2]},
+                              encode_references(m, refs, {"encoder_hidden_states": text}, 2))
+                for m in (saved_unet, unet)]
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    train_run("tiny/incontext", tmp_path / "c", "train.max_steps=1", "train.mixed_precision=no",
+              "incontext.lora_rank=4", more)
+    with pytest.raises(InContextLoadError, match=r"incontext.init_from: .*'lora_target_modules'"):
+        Trainer(make_config("tiny/incontext", tmp_path / "d", "train.max_steps=1", "train.mixed_precision=no",
+                            "incontext.lora_rank=4", attention, f"incontext.init_from={tmp_path / 'c' / 'run'}")).setup()
+
+
 def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
     from PIL import Image
 

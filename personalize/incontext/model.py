@@ -130,13 +130,16 @@ def read_spec(path: str | Path) -> InContextSpec:
         raise InContextLoadError(f"{config_file}: unreadable in-context config ({err})") from None
 
 
-def load_incontext(unet, path: str | Path, family: str, grow: bool = False) -> InContextSpec:
+def load_incontext(unet, path: str | Path, family: str, grow: bool = False,
+                   lora: Optional[dict] = None) -> InContextSpec:
     """Install reference attention (and LoRA, if it was trained with it) on ``unet`` and load the
     weights saved in ``path``; refuses weights made for another base model family or U-Net shape.
 
     ``grow``: ``unet`` already carries reference attention in more block groups than ``path`` has
     (and may carry LoRA that ``path`` lacks); the saved layers are loaded into their places and the
-    others keep their zero-initialized outputs, so the grown model starts as the saved one."""
+    others keep their zero-initialized outputs, so the grown model starts as the saved one. ``lora``
+    (with ``grow``): the LoRA config to add instead of the saved one, with the same rank on a superset
+    of its target modules; the modules the saved model lacks start with B = 0."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -158,8 +161,17 @@ def load_incontext(unet, path: str | Path, family: str, grow: bool = False) -> I
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
 
-        unet.add_adapter(LoraConfig(**spec.lora))
-        set_peft_model_state_dict(unet, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        if lora is not None and not (grow and lora.get("r") == spec.lora.get("r")
+                                     and set(spec.lora["target_modules"]) <= set(lora["target_modules"])):
+            raise InContextLoadError(f"{path}: its LoRA (rank {spec.lora.get('r')}, modules "
+                                     f"{spec.lora['target_modules']}) cannot grow into {lora}")
+        unet.add_adapter(LoraConfig(**(lora or spec.lora)))
+        saved = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+        result = set_peft_model_state_dict(unet, saved)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise InContextLoadError(f"{path / WEIGHTS_NAME}: LoRA weights that fit no module of this U-Net: "
+                                     f"{unexpected[:3]}")
     own = reference_state_dict(unet)
     given = {k: v for k, v in state.items() if not k.startswith("lora.")}
     if set(own) != set(given) and not (grow and set(given) <= set(own)):

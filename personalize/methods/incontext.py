@@ -26,6 +26,7 @@ from personalize.incontext.attention import BLOCK_GROUPS, install_reference_atte
 from personalize.incontext.model import InContextSpec, encode_references, predict_noise, save_incontext
 from personalize.methods import register_method
 from personalize.methods.base import Method, _unwrap
+from personalize.methods.lora import UNET_ATTENTION
 
 
 @dataclass
@@ -38,13 +39,17 @@ class InContextConfig:
     reference_dropout: float = option(0.1, "probability of training a sample without references (reference guidance)")
     lora_rank: int = option(0, "0: base frozen, only the new layers train; > 0: also LoRA of this rank on the U-Net")
     lora_learning_rate: Optional[float] = option(None, "LoRA learning rate (default: train.learning_rate)")
+    lora_target_modules: list[str] = option(UNET_ATTENTION, "U-Net module names that get LoRA (peft target_modules; "
+                                                            "e.g. also ff.net.0.proj, ff.net.2, proj_in, proj_out, "
+                                                            "conv1, conv2)")
     toyworld_subjects: int = option(0, "render this many toy-world training subjects as clusters into the "
                                        "manifest's folder if the manifest is missing")
     toyworld_per_subject: int = option(6, "renders per toy-world subject (distinct contexts)")
     toyworld_seed: int = option(0, "seed of the rendered toy-world clusters")
     init_from: Optional[str] = option(None, "start the new layers (and LoRA) from this in-context model folder, "
-                                            "e.g. to train the shipped toy one further; its blocks, K and LoRA "
-                                            "rank must match this section's")
+                                            "e.g. to train the shipped toy one further; this section may add "
+                                            "block groups and LoRA target modules, not remove them, and keep "
+                                            "its K and LoRA rank")
 
     def __post_init__(self) -> None:
         if self.num_references < 1:
@@ -57,6 +62,8 @@ class InContextConfig:
                 raise ConfigError(f"incontext.{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.lora_rank < 0:
             raise ConfigError(f"incontext.lora_rank: must be >= 0, got {self.lora_rank}")
+        if not self.lora_target_modules:
+            raise ConfigError("incontext.lora_target_modules: empty; name the U-Net modules that get LoRA")
 
 
 def _keep_references(seeds: list[int], p: float) -> torch.Tensor:
@@ -82,10 +89,8 @@ class InContext(Method):
     def lora_config(self) -> Optional[dict]:
         if not self.options.lora_rank:
             return None
-        from personalize.methods.lora import UNET_ATTENTION
-
         return {"r": self.options.lora_rank, "lora_alpha": self.options.lora_rank, "init_lora_weights": "gaussian",
-                "target_modules": list(UNET_ATTENTION)}
+                "target_modules": list(self.options.lora_target_modules)}
 
     def setup(self, models) -> None:
         super().setup(models)
@@ -102,8 +107,8 @@ class InContext(Method):
 
     def _init_from(self, models) -> None:
         """Start from a trained in-context model. The recipe may grow it: reference attention in more
-        block groups, or LoRA where it had none; the added layers start at zero, so training starts
-        from exactly the saved model's predictions."""
+        block groups, LoRA where it had none or on more modules (same rank); the added layers start at
+        zero (LoRA B = 0), so training starts from exactly the saved model's predictions."""
         from personalize.incontext.model import InContextLoadError, load_incontext, read_spec
 
         spec = read_spec(self.options.init_from)  # a clear error if the folder is not an in-context model
@@ -115,11 +120,15 @@ class InContext(Method):
             problems["num_references"] = (spec.num_references, self.options.num_references)
         if given_rank not in (0, self.options.lora_rank):
             problems["lora_rank"] = (given_rank, self.options.lora_rank)
+        given_targets = set((spec.lora or {}).get("target_modules") or [])
+        if given_rank and not given_targets <= set(self.options.lora_target_modules):
+            problems["lora_target_modules"] = (sorted(given_targets), sorted(self.options.lora_target_modules))
         if problems:
             raise InContextLoadError(f"incontext.init_from: {self.options.init_from} does not match this recipe "
-                                     f"(its value, the recipe's; the recipe may add block groups, and LoRA to a "
-                                     f"model without it): {problems}")
-        load_incontext(models.unet, self.options.init_from, models.family.name, grow=True)
+                                     f"(its value, the recipe's; the recipe may add block groups, LoRA to a model "
+                                     f"without it and LoRA target modules): {problems}")
+        load_incontext(models.unet, self.options.init_from, models.family.name, grow=True,
+                       lora=self.lora_config() if given_rank else None)
 
     def trainable_modules(self):
         return {"unet": self.models.unet}
