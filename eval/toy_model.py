@@ -6,6 +6,7 @@ the weights and docs/toy-model.md. With --ship, first store a trained pipeline f
     python eval/toy_model.py --ship outputs/toy-base   # after `personalize train toy/vae` and `toy/base`
     python eval/toy_model.py                           # re-measure the shipped model
     python eval/toy_model.py --card-only               # rewrite the card from the stored measurements
+    python eval/toy_model.py --card-only --compare-vae outputs/toy-vae-decoder/vae   # + a VAE not shipped
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from personalize.toyworld.card import RUNS_NAME, _run_info, measure, model_card, ship  # noqa: E402
+from personalize.toyworld.card import RUNS_NAME, _run_info, measure, measure_vae_candidate, model_card, ship  # noqa: E402
 from personalize.toyworld.model import TOY_MODEL_DIR  # noqa: E402
 
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
                         help="output_dir of toy/base-continue")
     parser.add_argument("-n", type=int, default=200, help="random captions for the prompt read-back")
     parser.add_argument("--doc", type=Path, default=Path("docs/toy-model.md"))
+    parser.add_argument("--compare-vae", type=Path, action="append", default=[], metavar="FOLDER",
+                        help="also measure this VAE folder (not shipped) on the same renders and list it on the card")
     parser.add_argument("--card-only", action="store_true",
                         help="do not measure: rewrite the card from the shipped measurements.json")
     args = parser.parse_args(argv)
@@ -42,6 +45,12 @@ def main(argv=None) -> int:
     else:
         measured = measure(TOY_MODEL_DIR, n_captions=args.n)
         print(json.dumps(measured, indent=2))
+    if args.compare_vae:
+        for folder in args.compare_vae:
+            if not (folder / "config.json").is_file():
+                parser.error(f"--compare-vae {folder}: not a VAE folder (no config.json)")
+        measured["vae_candidates"] = [measure_vae_candidate(folder) for folder in args.compare_vae]
+        print(json.dumps(measured["vae_candidates"], indent=2))
     runs = TOY_MODEL_DIR / RUNS_NAME
     info = json.loads(runs.read_text()) if runs.is_file() else {"vae": {}, "base": {}}
     for key, run_dir in (("vae", args.vae_run), ("base", args.base_run), ("continue", args.continue_run)):

@@ -179,3 +179,22 @@ def test_shipping_a_new_toy_model_keeps_the_record_of_earlier_stages(tmp_path):
     assert not (target / "stale.txt").exists() and (target / "model_index.json").is_file()
     unet = json.loads((target / "unet" / "config.json").read_text())
     assert unet["_class_name"] == "UNet2DConditionModel"
+
+
+def test_card_lists_a_vae_that_is_measured_but_not_shipped(tmp_path):
+    """eval/toy_model.py --compare-vae measures another VAE (toy/vae-decoder's output) on the shipped
+    VAE's held-out renders, and the card lists its PSNR and training beside the shipped figure."""
+    from personalize.config import ModelConfig
+    from personalize.models import load_models
+    from personalize.toyworld.card import measure_vae_candidate, model_card
+    from personalize.toyworld.model import TOY_MODEL_DIR
+
+    run = tmp_path / "toy-vae-decoder"
+    load_models(ModelConfig(base="tiny-sd")).vae.save_pretrained(run / "vae")
+    (run / "run_summary.json").write_text(json.dumps({"steps": 900, "train_seconds": 1010.0}))
+    candidate = measure_vae_candidate(run / "vae")
+    assert candidate["steps"] == 900 and candidate["min"] <= candidate["median"] and 0 < candidate["mean"] < 60
+    measured = json.loads((TOY_MODEL_DIR / "measurements.json").read_text())
+    card = model_card({**measured, "vae_candidates": [candidate]}, {}, {})
+    assert f"Not shipped: `{run / 'vae'}` (900 steps, 17 min): mean **{candidate['mean']:.1f} dB**" in card
+    assert "Not shipped" not in model_card({**measured, "vae_candidates": []}, {}, {})
