@@ -141,16 +141,20 @@ def _changed(trainer, fresh_unet) -> set[str]:
     return changed
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_path, lora_rank):
+@pytest.mark.parametrize("lora_rank,targets", [(0, None), (4, None), (4, "[to_q,to_v,ff.net.2,conv1,conv2]")])
+def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_path, lora_rank, targets):
+    """Base frozen: only the reference layers change; with LoRA (on attention, or also on feed-forward
+    and ResNet convolutions) only those and the LoRA weights; generation merges LoRA exactly."""
     trainer = train_run("tiny/incontext", tmp_path, "train.max_steps=2", f"incontext.lora_rank={lora_rank}",
-                        "train.mixed_precision=no")
+                        "train.mixed_precision=no", *([f"incontext.lora_target_modules={targets}"] if targets else []))
     changed = _changed(trainer, tiny()[1]["unet"])
     ref = {n for n in changed if "_ref." in n}
     assert ref and all(".processor." in n for n in ref)
     others = changed - ref
     if lora_rank:
         assert others and all("lora_" in n for n in others)
+        if targets:
+            assert any(".conv1.lora_" in n for n in others) and any(".ff.net.2.lora_" in n for n in others)
     else:
         assert not others
     unfused = tiny()[1]["unet"]
