@@ -8,7 +8,7 @@ judges score subject fidelity and prompt fidelity; rows base and ceiling (real r
 language drift (the bare class prompt after personalization) for every row with a model.
 A stopped run resumes: finished (subject, row) pairs are skipped.
 
-    python eval/toybench.py                                  # docs/toybench.md (the shipped table)
+    python eval/toybench.py                                  # docs/toybench.md: all 12 held-out subjects
     python eval/toybench.py --subjects zorbo --rows lora     # one subject, one row
 """
 
@@ -26,9 +26,9 @@ from personalize.toyworld.world import HELDOUT_NAMES  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", default=",".join(HELDOUT_NAMES[:4]),
+    parser.add_argument("--subjects", default=",".join(HELDOUT_NAMES),
                         help=f"comma-separated held-out subjects (all: {','.join(HELDOUT_NAMES)})")
-    parser.add_argument("--rows", default=",".join(ROWS),
+    parser.add_argument("--rows", default="base,textual_inversion,lora,dreambooth,incontext,ceiling",
                         help=f"comma-separated, from {','.join(ROWS)} and incontext[_LABEL][:FOLDER] (in-context "
                              "models; FOLDER default: the shipped toy one)")
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
