@@ -10,6 +10,8 @@ A stopped run resumes: finished (subject, row) pairs are skipped.
 
     python eval/toybench.py                                  # docs/toybench.md: all 12 held-out subjects
     python eval/toybench.py --subjects zorbo --rows lora     # one subject, one row
+    python eval/toybench.py --subjects val-0,val-1 --rows incontext --ref-guidance 5 --out outputs/toybench-val --doc ''
+                                     # choose a setting on validation subjects, not on the held-out ones
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from personalize.toyworld.toybench import ROWS, run_toybench  # noqa: E402
-from personalize.toyworld.world import HELDOUT_NAMES  # noqa: E402
+from personalize.toyworld.world import HELDOUT_NAMES, is_validation_name  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", default=",".join(HELDOUT_NAMES),
-                        help=f"comma-separated held-out subjects (all: {','.join(HELDOUT_NAMES)})")
+                        help=f"comma-separated held-out subjects (all: {','.join(HELDOUT_NAMES)}), or validation "
+                             "subjects val-0, val-1, ... (trained on by nothing either; for choosing settings)")
     parser.add_argument("--rows", default="base,textual_inversion,lora,dreambooth,incontext,ceiling",
                         help=f"comma-separated, from {','.join(ROWS)} and incontext[_LABEL][:FOLDER] (in-context "
                              "models; FOLDER default: the shipped toy one)")
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     subjects = [s for s in args.subjects.split(",") if s]
     rows = [r for r in args.rows.split(",") if r]
-    bad = [s for s in subjects if s not in HELDOUT_NAMES] + [r for r in rows if r not in ROWS
+    bad = [s for s in subjects if s not in HELDOUT_NAMES and not is_validation_name(s)] + [r for r in rows if r not in ROWS
                                                              and not r.startswith("incontext")]
     if bad:
         parser.error(f"unknown subject or row: {', '.join(bad)}")

@@ -150,15 +150,18 @@ def load_dreambench(folder: str | Path, subjects: Optional[Sequence[str]] = None
 
 def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optional[Sequence[int]] = None,
                  n_references: int = 4) -> list[BenchSubject]:
-    """Held-out toy-world subjects as benchmark subjects: their reference renders are written to
-    ``folder/<name>/`` and their prompts are ToyBench's (same kinds as DreamBench)."""
+    """Held-out toy-world subjects (or validation subjects ``val-N``, for choosing settings) as benchmark
+    subjects: their reference renders are written to ``folder/<name>/`` and their prompts are ToyBench's
+    (same kinds as DreamBench)."""
     from personalize.toyworld.toybench import reference_specs, toybench_prompts, write_references
-    from personalize.toyworld.world import caption, heldout_subjects
+    from personalize.toyworld.world import caption, heldout_subjects, is_validation_name, validation_subject
 
     by_name = {s.name: s for s in heldout_subjects()}
+    by_name.update({n: validation_subject(n) for n in names if is_validation_name(n)})
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise DataError(f"unknown toy subjects {', '.join(unknown)}; held-out subjects: {', '.join(by_name)}")
+        raise DataError(f"unknown toy subjects {', '.join(unknown)}; held-out subjects: "
+                        f"{', '.join(s.name for s in heldout_subjects())}; validation subjects: val-0, val-1, ...")
     out = []
     for name in names:
         subject = by_name[name]

@@ -78,6 +78,22 @@ def test_heldout_subjects_are_fixed_and_not_in_the_training_supply():
     assert not signatures & {(t.cls, t.warp, t.markings) for t in map(training_subject, range(2000))}
 
 
+def test_validation_subjects_are_neither_held_out_nor_training_subjects():
+    from personalize.dreambench import DataError, toy_subjects
+    from personalize.toyworld.world import validation_subject
+
+    val = [validation_subject(f"val-{i}") for i in range(20)]
+    assert val == [validation_subject(f"val-{i}") for i in range(20)]
+    signatures = {(s.cls, s.warp, s.markings) for s in val}
+    assert len(signatures) == 20
+    assert not signatures & {(s.cls, s.warp, s.markings) for s in heldout_subjects()}
+    assert not signatures & {(t.cls, t.warp, t.markings) for t in map(training_subject, range(2000))}
+    with pytest.raises(ValueError, match="val-0, val-1"):
+        validation_subject("val-x")
+    with pytest.raises(DataError, match="validation subjects: val-0"):
+        toy_subjects(["val-x"], "unused")
+
+
 def test_render_dataset_is_complete_or_absent(tmp_path):
     from personalize.toyworld.dataset import render_dataset
 

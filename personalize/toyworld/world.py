@@ -111,6 +111,19 @@ def heldout_subjects() -> list[Subject]:
     return [Subject.sample(np.random.default_rng([2, i]), name=name) for i, name in enumerate(HELDOUT_NAMES)]
 
 
+def validation_subject(name: str) -> Subject:
+    """Validation subject ``val-N``: like the held-out ones, never trained on by any model or judge, but
+    meant for choosing settings (guidance scales, steps) so that the held-out subjects only measure."""
+    index = name.removeprefix("val-")
+    if not name.startswith("val-") or not index.isdigit():
+        raise ValueError(f"validation subjects are named val-0, val-1, ...; got {name!r}")
+    return Subject.sample(np.random.default_rng([3, int(index)]), name=name)
+
+
+def is_validation_name(name: str) -> bool:
+    return name.startswith("val-") and name.removeprefix("val-").isdigit()
+
+
 # -- image specs and captions ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
