@@ -9,3 +9,10 @@ from personalize.incontext.attention import (
 from personalize.incontext.model import (
     InContextLoadError, InContextSpec, encode_references, load_incontext, predict_noise, read_spec, save_incontext,
 )
+
+__all__ = [
+    "PassReference", "ReferenceAttnProcessor", "ReferenceFeatures", "install_reference_attention", "is_installed",
+    "reference_layer_names", "reference_parameters", "reference_state_dict",
+    "InContextLoadError", "InContextSpec", "encode_references", "load_incontext", "predict_noise", "read_spec",
+    "save_incontext",
+]
