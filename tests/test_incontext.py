@@ -38,12 +38,13 @@ def inputs(comps, n, seed=1):
     return torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g)
 
 
+@pytest.mark.parametrize("query", ["shared", "self"])
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
-def test_installed_model_predicts_exactly_the_base_noise(name):
+def test_installed_model_predicts_exactly_the_base_noise(name, query):
     family, comps = tiny(name)
     unet = comps["unet"].eval()
     base = copy.deepcopy(unet)
-    names = install_reference_attention(unet, ["down", "mid", "up"])
+    names = install_reference_attention(unet, ["down", "mid", "up"], query)
     assert names and all(isinstance(unet.attn_processors[n], ReferenceAttnProcessor) for n in names)
     k, b = 3, 2
     refs = encode_references(unet, torch.randn(b * k, 4, 8, 8), conditioning(family, comps, b * k, 5), k)
@@ -57,12 +58,20 @@ def test_installed_model_predicts_exactly_the_base_noise(name):
     assert refs.tokens[16].shape == (b, k * 16, 64)  # 4x4 latent level: K * h * w tokens of 64 channels
 
 
-def test_trained_reference_layers_change_the_prediction_and_only_they_get_gradients():
+@pytest.mark.parametrize("query", ["shared", "self"])
+def test_trained_reference_layers_change_the_prediction_and_only_they_get_gradients(query):
     family, comps = tiny()
     unet = comps["unet"]
     unet.requires_grad_(False)
-    install_reference_attention(unet, ["up"])
+    install_reference_attention(unet, ["up"], query)
     params = reference_parameters(unet)
+    if query == "self":  # its own query and feature norm, the projections starting from the self-attention
+        name, processor = next((n, p) for n, p in unet.attn_processors.items() if isinstance(p, ReferenceAttnProcessor))
+        names = {n.rsplit(".", 2)[-2] for n, _ in unet.named_parameters() if ".processor." in n}
+        assert names == {"to_q_ref", "norm_ref", "to_k_ref", "to_v_ref", "to_out_ref"}
+        attn1 = unet.get_submodule(name.removesuffix("attn2.processor") + "attn1")
+        assert torch.equal(processor.to_k_ref.weight, attn1.to_k.weight)
+        assert torch.equal(processor.to_q_ref.weight, attn1.to_q.weight)
     for p in params:
         p.requires_grad_(True)
     k, b = 2, 2
@@ -106,17 +115,19 @@ def test_masked_samples_skip_the_reference_branch_and_the_others_are_unchanged()
     assert (none - base(noisy, t, **cond).sample).abs().max() < 1e-6
 
 
-def test_save_load_round_trip_and_wrong_family_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("query", ["shared", "self"])
+def test_save_load_round_trip_and_wrong_family_is_a_clear_error(tmp_path, query):
     family, comps = tiny()
     unet = comps["unet"]
-    install_reference_attention(unet, ["up"])
+    install_reference_attention(unet, ["up"], query)
     with torch.no_grad():
         for p in reference_parameters(unet):
             p.normal_()
-    save_incontext(unet, InContextSpec(family="sd", blocks=["up"], num_references=3), tmp_path / "ic")
+    save_incontext(unet, InContextSpec(family="sd", blocks=["up"], num_references=3, reference_query=query),
+                   tmp_path / "ic")
     _, fresh = tiny()
     spec = load_incontext(fresh["unet"], tmp_path / "ic", "sd")
-    assert spec.num_references == 3
+    assert spec.num_references == 3 and spec.reference_query == query
     for (n1, p1), (n2, p2) in zip(unet.named_parameters(), fresh["unet"].named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     _, xl = tiny("tiny-sdxl")

@@ -37,6 +37,7 @@ class InContextSpec:
     blocks: list[str] = field(default_factory=lambda: ["up"])
     num_references: int = 3  # K used in training; more at generation time only if the user allows it
     reference_timestep: int = 0
+    reference_query: str = "shared"  # how the reference attention makes its query (attention.QUERY_MODES)
     unet_signature: dict = field(default_factory=dict)
     lora: Optional[dict] = None  # peft LoraConfig fields when the U-Net also carries LoRA
     base: Optional[str] = None  # the base model it was trained on (personalize zero-shot's default)
@@ -156,7 +157,7 @@ def load_incontext(unet, path: str | Path, family: str, grow: bool = False,
         state = load_file(str(path / WEIGHTS_NAME))
     except (OSError, SafetensorError) as err:
         raise InContextLoadError(f"{path / WEIGHTS_NAME}: cannot read in-context weights ({err})") from None
-    install_reference_attention(unet, spec.blocks)
+    install_reference_attention(unet, spec.blocks, spec.reference_query)
     if spec.lora is not None:
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict

@@ -22,7 +22,9 @@ import torch
 from personalize import losses
 from personalize.config import ConfigError, option
 from personalize.data.clusters import ClusterDataset, read_manifest
-from personalize.incontext.attention import BLOCK_GROUPS, install_reference_attention, reference_parameters
+from personalize.incontext.attention import (
+    BLOCK_GROUPS, QUERY_MODES, install_reference_attention, reference_parameters,
+)
 from personalize.incontext.model import InContextSpec, encode_references, predict_noise, save_incontext
 from personalize.methods import register_method
 from personalize.methods.base import Method, _unwrap
@@ -35,6 +37,9 @@ class InContextConfig:
     num_references: int = option(3, "K: examples shown with each target")
     blocks: list[str] = option(["up"], "U-Net block groups that get reference attention: down, mid, up")
     reference_timestep: int = option(0, "timestep at which the reference encoder sees the clean example latents")
+    reference_query: str = option("shared", "shared: reference attention uses the cross-attention's query; self: "
+                                            "a query of its own over layer-normed features, the query, key and "
+                                            "value starting from the block's self-attention")
     text_dropout: float = option(0.1, "probability of training a sample without its prompt (text guidance)")
     reference_dropout: float = option(0.1, "probability of training a sample without references (reference guidance)")
     lora_rank: int = option(0, "0: base frozen, only the new layers train; > 0: also LoRA of this rank on the U-Net")
@@ -57,6 +62,8 @@ class InContextConfig:
         bad = [b for b in self.blocks if b not in BLOCK_GROUPS]
         if bad or not self.blocks:
             raise ConfigError(f"incontext.blocks: {self.blocks}; choose from {', '.join(BLOCK_GROUPS)}")
+        if self.reference_query not in QUERY_MODES:
+            raise ConfigError(f"incontext.reference_query: {self.reference_query!r}; choose from {', '.join(QUERY_MODES)}")
         for key in ("text_dropout", "reference_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"incontext.{key}: must be in [0, 1), got {getattr(self, key)}")
@@ -94,7 +101,7 @@ class InContext(Method):
 
     def setup(self, models) -> None:
         super().setup(models)
-        install_reference_attention(models.unet, self.options.blocks)
+        install_reference_attention(models.unet, self.options.blocks, self.options.reference_query)
         if self.options.init_from:
             self._init_from(models)  # loads the saved layers, and the saved LoRA if it has one
         lora = self.lora_config()
@@ -116,6 +123,8 @@ class InContext(Method):
         problems = {}
         if not set(spec.blocks) <= set(self.options.blocks):
             problems["blocks"] = (sorted(spec.blocks), sorted(self.options.blocks))
+        if spec.reference_query != self.options.reference_query:
+            problems["reference_query"] = (spec.reference_query, self.options.reference_query)
         if spec.num_references != self.options.num_references:
             problems["num_references"] = (spec.num_references, self.options.num_references)
         if given_rank not in (0, self.options.lora_rank):
@@ -156,7 +165,8 @@ class InContext(Method):
     def spec(self) -> InContextSpec:
         return InContextSpec(family=self.models.family.name, blocks=list(self.options.blocks),
                              num_references=self.options.num_references,
-                             reference_timestep=self.options.reference_timestep, lora=self.lora_config(),
+                             reference_timestep=self.options.reference_timestep,
+                             reference_query=self.options.reference_query, lora=self.lora_config(),
                              base=self.models.source)
 
     def _latents(self, batch: dict, prefix: str, device) -> tuple[torch.Tensor, torch.Tensor]:
