@@ -201,7 +201,8 @@ def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run,
     trainer.setup()
     loaded = reference_state_dict(trainer.models.unet)
     assert set(loaded) == set(first) and all(torch.equal(loaded[k], first[k]) for k in first)
-    for override, key in (("incontext.blocks=[mid]", "blocks"), ("incontext.num_references=3", "num_references")):
+    for override, key in (("incontext.blocks=[mid]", "blocks"), ("incontext.num_references=3", "num_references"),
+                          ("incontext.reference_query=self", "reference_query")):
         with pytest.raises(InContextLoadError, match=rf"incontext.init_from: .*'{key}'"):
             Trainer(make_config("tiny/incontext", tmp_path / "c", override, "train.mixed_precision=no",
                                 f"incontext.init_from={tmp_path / 'a' / 'run'}")).setup()
@@ -275,6 +276,28 @@ def test_init_from_can_add_lora_target_modules_but_not_remove_them(train_run, tm
     with pytest.raises(InContextLoadError, match=r"incontext.init_from: .*'lora_target_modules'"):
         Trainer(make_config("tiny/incontext", tmp_path / "d", "train.max_steps=1", "train.mixed_precision=no",
                             "incontext.lora_rank=4", attention, f"incontext.init_from={tmp_path / 'c' / 'run'}")).setup()
+
+
+def test_probe_measures_reference_gain_and_attention_entropy(train_run, tmp_path):
+    """eval/incontext_probe.py's measures: a gain per model and a normalized entropy per reference layer,
+    1 exactly when the attention is uniform (all keys equal); the probe leaves the processors as it found them."""
+    from personalize.incontext.pipeline import InContextPipeline
+    from personalize.incontext.probe import probe
+
+    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
+    pipe = InContextPipeline.from_pretrained(tmp_path / "run", base="tiny-sd")
+    result = probe(pipe, n_subjects=2, timesteps=(300, 700))
+    layers = {n.removesuffix(".processor") for n, p in pipe.models.unet.attn_processors.items()
+              if isinstance(p, ReferenceAttnProcessor)}
+    assert set(result["entropy"]) == layers and all(0 < e <= 1 + 1e-6 for e in result["entropy"].values())
+    assert -1 < result["reference_gain"] < 1
+    assert not any("attend" in vars(p) for p in pipe.models.unet.attn_processors.values())
+    with torch.no_grad():
+        for name, p in pipe.models.unet.named_parameters():
+            if "to_k_ref" in name:
+                p.zero_()  # every key 0: uniform attention
+    uniform = probe(pipe, n_subjects=1, timesteps=(500,))
+    assert all(abs(e - 1) < 1e-5 for e in uniform["entropy"].values())
 
 
 def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):

@@ -99,6 +99,10 @@ class ReferenceAttnProcessor(nn.Module):
                     if own.weight.shape == theirs.weight.shape:
                         own.weight.copy_(theirs.weight.float())
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the queries over the reference keys (a method, so a probe can look at it)."""
+        return F.scaled_dot_product_attention(q, k, v)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  reference: Optional[ReferenceFeatures] = None, **kwargs):
         out = self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
@@ -126,7 +130,7 @@ class ReferenceAttnProcessor(nn.Module):
         q = to_q(x).view(b, n, self.heads, head_dim).transpose(1, 2)
         k = self.to_k_ref(features).view(b, -1, self.heads, head_dim).transpose(1, 2)
         v = self.to_v_ref(features).view(b, -1, self.heads, head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        attended = self.attend(q, k, v).transpose(1, 2).reshape(b, n, -1)
         ref = self.to_out_ref(attended)
         if rows is not None:
             ref = ref * reference.mask[rows].to(ref.dtype).view(-1, 1, 1)
