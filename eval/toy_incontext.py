@@ -63,12 +63,13 @@ def earlier_stages(options: dict) -> list[str]:
     return [f"- Stage 1: the model in {start} (no card, no run record)"]
 
 
-def card(config: dict, summary: dict, recipe: str, earlier: list[str] = ()) -> str:
+def card(config: dict, summary: dict, recipe: str, earlier: list[str] = (), default: bool = True) -> str:
     options = config.get("incontext", {})
     lora = (f"LoRA of rank {options['lora_rank']} on its U-Net" if options.get("lora_rank")
             else "the base frozen")
     stages = [*earlier, stage_line(len(earlier) + 1, config, summary, f"`personalize train {recipe}`")]
     lines = "\n".join(stages)
+    use = "this model is the default `--model`" if default else "with `--model` set to this folder"
     return f"""# Toy in-context model
 
 Reference attention (SuTI / Re-Imagen style, `personalize/incontext/`) trained on the shipped toy base
@@ -81,7 +82,7 @@ model (`model.base: toy`), {lora}, with this project's trainer, in the stages li
 - ToyBench (subject / prompt fidelity against LoRA and DreamBooth): `docs/toybench.md`.
 
 Use: `personalize zero-shot --refs a.png b.png c.png --ref-captions ... --prompt "a star in the snow"`
-(this model is the default `--model`), or `InContextPipeline.from_pretrained(THIS_FOLDER, base="toy")`.
+({use}), or `InContextPipeline.from_pretrained(THIS_FOLDER, base="toy")`.
 """
 
 
@@ -100,7 +101,8 @@ def ship(run_dir: Path, recipe: str, target: Path = TARGET) -> Path:
     tmp.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME, "run_summary.json"):
         shutil.copyfile(run_dir / name, tmp / name)
-    (tmp / "README.md").write_text(card(config, summary, recipe, earlier_stages(config.get("incontext", {}))))
+    (tmp / "README.md").write_text(card(config, summary, recipe, earlier_stages(config.get("incontext", {})),
+                                        default=target.resolve() == TARGET.resolve()))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -110,8 +112,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", type=Path, required=True, help="output_dir of a finished toy/incontext run")
     parser.add_argument("--recipe", default="toy/incontext", help="the recipe that trained it (for the card)")
+    parser.add_argument("--to", type=Path, default=TARGET,
+                        help=f"folder to ship into (default {TARGET}: the default model of personalize zero-shot; "
+                             "another folder under assets/ ships a second model beside it)")
     args = parser.parse_args(argv)
-    target = ship(args.ship, args.recipe)
+    target = ship(args.ship, args.recipe, args.to)
     from personalize.incontext.pipeline import InContextPipeline
 
     InContextPipeline.from_pretrained(str(target), base="toy")  # the shipped copy loads onto the toy model

@@ -383,3 +383,22 @@ def test_zero_shot_command_writes_images_and_reports_bad_references(train_run, t
     assert main(args) == 0 and (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 2
     assert main([*args[:4], "missing.png", "--prompt", "x", "--out", str(out)]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder, query", [("toy-incontext", "shared"), ("toy-incontext-self", "self")])
+def test_shipped_toy_incontext_models_load_and_sample(folder, query):
+    """The in-context models shipped in the package load onto the shipped toy model and generate from
+    rendered references (personalize zero-shot's default and the own-query variant beside it)."""
+    from personalize.incontext.pipeline import InContextPipeline
+    from personalize.toyworld.model import ASSETS
+    from personalize.toyworld.world import heldout_subjects, render, sample_spec
+    from PIL import Image
+    import numpy as np
+
+    pipe = InContextPipeline.from_pretrained(ASSETS / folder, base="toy")
+    assert pipe.spec.reference_query == query and pipe.spec.num_references == 3
+    rng = np.random.default_rng(0)
+    subject = heldout_subjects()[0]
+    refs = [Image.fromarray(render(sample_spec(rng, subject))) for _ in range(3)]
+    images = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * 3, steps=2)
+    assert len(images) == 1 and images[0].size == (64, 64)
