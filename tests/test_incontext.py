@@ -402,3 +402,10 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query):
     refs = [Image.fromarray(render(sample_spec(rng, subject))) for _ in range(3)]
     images = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * 3, steps=2)
     assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_unknown_reference_query_is_refused_naming_the_key(tmp_path):
+    from personalize.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"incontext.reference_query: 'sharp'; choose from shared, self"):
+        make_config("tiny/incontext", tmp_path, "incontext.reference_query=sharp")
