@@ -2,7 +2,7 @@
 loss that the references give) and the normalized entropy of each reference-attention layer
 (1 = a uniform average over the reference tokens), on toy-world validation subjects.
 
-    python eval/incontext_probe.py personalize/toyworld/assets/toy-incontext outputs/toy-incontext-self
+    python eval/incontext_probe.py personalize/toyworld/assets/toy-incontext personalize/toyworld/assets/toy-incontext-self
 """
 
 from __future__ import annotations
