@@ -70,6 +70,47 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
+def save(accelerator, root: Path, step: int, state: dict, keep: Optional[int]) -> Path:
+    """``accelerator.save_state`` into a temporary folder (every process), then :func:`finalize` it
+    as ``checkpoint-{step}`` with ``state`` (the main process); returns the checkpoint folder."""
+    tmp = temporary_dir(root, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    final = root / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        final = finalize(tmp, root, step, state, keep)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator, resume_from: Optional[str], root: Path, method: str) -> Optional[dict]:
+    """Load the checkpoint that ``train.resume`` names (``auto``: the newest in ``root``) into
+    ``accelerator`` and return its state (``global_step``, ``train_seconds``, ...), or None when
+    there is nothing to resume; a missing checkpoint or one of another method stops with an error."""
+    try:
+        checkpoint = resolve_resume(resume_from, root)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    if checkpoint is None:
+        if resume_from is None and checkpoint_dirs(root):
+            logger.warning("%s holds checkpoints of an earlier run; starting from step 0 anyway "
+                           "(set train.resume=auto to continue it)", root)
+        if resume_from == "auto":
+            logger.info("resume: auto found no checkpoint in %s; starting from step 0", root)
+        return None
+    state = read_state(checkpoint)
+    if state["method"] != method:
+        raise SystemExit(f"error: {checkpoint} was written by method {state['method']!r}, not {method!r}")
+    accelerator.load_state(str(checkpoint))
+    logger.info("resumed from %s at step %d", checkpoint, int(state["global_step"]))
+    return state
+
+
 def remove_stale_temporaries(root: Path) -> None:
     if root.is_dir():
         for p in root.glob(".tmp-checkpoint-*"):

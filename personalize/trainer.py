@@ -152,44 +152,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        acc = self.accelerator
-        tmp = checkpointing.temporary_dir(self.checkpoint_root, self.step)
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        final = self.checkpoint_root / f"checkpoint-{self.step}"
-        if acc.is_main_process:
-            state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict(),
-                     "train_seconds": self.train_seconds()}
-            final = checkpointing.finalize(tmp, self.checkpoint_root, self.step, state,
-                                           self.config.train.checkpoints_total_limit)
-            logger.info("saved checkpoint %s", final)
-        acc.wait_for_everyone()
-        return final
+        state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict(),
+                 "train_seconds": self.train_seconds()}
+        return checkpointing.save(self.accelerator, self.checkpoint_root, self.step, state,
+                                  self.config.train.checkpoints_total_limit)
 
     def _resume(self) -> None:
-        train = self.config.train
-        try:
-            checkpoint = checkpointing.resolve_resume(train.resume, self.checkpoint_root)
-        except FileNotFoundError as err:
-            raise SystemExit(f"error: {err}") from None
-        if checkpoint is None:
-            if train.resume is None and checkpointing.checkpoint_dirs(self.checkpoint_root):
-                logger.warning("%s holds checkpoints of an earlier run; starting from step 0 anyway "
-                               "(set train.resume=auto to continue it)", self.checkpoint_root)
-            if train.resume == "auto":
-                logger.info("resume: auto found no checkpoint in %s; starting from step 0", self.checkpoint_root)
-            return
-        state = checkpointing.read_state(checkpoint)
-        if state["method"] != self.method.name:
-            raise SystemExit(f"error: {checkpoint} was written by method {state['method']!r}, not {self.method.name!r}")
-        self.accelerator.load_state(str(checkpoint))
-        self.step = int(state["global_step"])
-        self._seconds_before = float(state.get("train_seconds", 0.0))
-        logger.info("resumed from %s at step %d", checkpoint, self.step)
+        state = checkpointing.resume(self.accelerator, self.config.train.resume, self.checkpoint_root,
+                                     self.method.name)
+        if state is not None:
+            self.step = int(state["global_step"])
+            self._seconds_before = float(state.get("train_seconds", 0.0))
 
     def train_seconds(self) -> float:
         """Wall time of the training loop so far, over every resumed segment of this run."""
