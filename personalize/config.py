@@ -113,7 +113,9 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "AdamW weight decay")
     adam_epsilon: float = option(1e-8, "Adam epsilon")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
-    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast precision; trainable weights stay fp32")
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = option(
+        "no", "autocast precision; trainable weights stay fp32. auto: bf16 where the GPU or CPU has bf16 "
+              "instructions, fp16 on other GPUs, else no (personalize/precision.py)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in U-Net / text encoder")
     snr_gamma: Optional[float] = option(None, "min-SNR-gamma loss weighting (5.0 is the paper's value)")
     noise_offset: float = option(0.0, "offset noise strength (0.05-0.1 helps very dark/bright images)")

@@ -32,6 +32,7 @@ from personalize.methods import get_method_class
 from personalize.methods.base import _unwrap
 from personalize.models import load_models
 from personalize.optim import build_lr_scheduler, build_optimizer
+from personalize.precision import resolve_mixed_precision
 
 logger = logging.getLogger("personalize")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,16 +56,21 @@ class Trainer:
         cfg, train, method = self.config, self.config.train, self.method
         log_with = None if train.report_to == "none" else train.report_to
         _fresh_accelerator_state()
+        force_cpu = _multi_process_without_accelerator()
+        self.mixed_precision = precision = resolve_mixed_precision(
+            train.mixed_precision, "cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
+        if precision != train.mixed_precision:
+            logger.info("train.mixed_precision: auto -> %s", precision)
         self.accelerator = acc = Accelerator(
-            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation_steps,
-            log_with=log_with, cpu=_multi_process_without_accelerator(),
+            mixed_precision=precision, gradient_accumulation_steps=train.gradient_accumulation_steps,
+            log_with=log_with, cpu=force_cpu,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if acc.num_processes != world:  # each rank would train alone and all would write the same files
             raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a group of "
                                f"{acc.num_processes} ({acc.distributed_type}); check the launcher's settings")
-        if train.mixed_precision == "fp16" and not acc.native_amp:
+        if precision == "fp16" and not acc.native_amp:
             raise ConfigError(f"train.mixed_precision: fp16 needs a CUDA/XPU/MPS device, this run is on "
                               f"{acc.device}; use bf16 (fast on recent CPUs) or no")
         self.models = models = load_models(cfg.model)
@@ -78,7 +84,7 @@ class Trainer:
             acc.wait_for_everyone()
         self.dataset = method.dataset()
 
-        self.weight_dtype = DTYPES[train.mixed_precision]
+        self.weight_dtype = DTYPES[precision]
         full_precision = {id(m) for m in method.full_precision_modules()}
         for module in [models.vae, *models.text_encoders, models.unet]:
             module.to(acc.device)
@@ -332,7 +338,7 @@ class Trainer:
             written.append(target)
         tmp.rmdir()
         summary = {"method": self.method.name, "steps": self.step, "files": [p.name for p in written],
-                   "train_seconds": round(self.train_seconds(), 1),
+                   "train_seconds": round(self.train_seconds(), 1), "mixed_precision": self.mixed_precision,
                    "final_loss": self.history[-1]["loss"] if self.history else None}
         (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info("exported %s to %s", ", ".join(p.name for p in written), self.output_dir)
