@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -71,8 +70,8 @@ def main(argv=None) -> int:
              f" on {device} (CPU), toy model, subject {args.subject} (3 reference renders), {args.n} images, "
              f"{args.steps} DDIM steps. In-context model: {args.model or 'shipped'} (loaded in {load_s:.1f} s, "
              "not counted). Fine-tuning: the ToyBench recipe's training, then loading the result into a stock "
-             "diffusers pipeline and sampling (fine-tuning trains under the recipes' bf16 autocast and samples in "
-             "float32).", "",
+             "diffusers pipeline and sampling (fine-tuning trains at the recipes' precision, `auto`: bf16 autocast on "
+             "CPUs with bf16 instructions, else float32; sampling is float32).", "",
              "| method | train s | generate s | photos to 4 images, s | vs in-context | vs in-context, bf16 |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
@@ -85,11 +84,9 @@ def main(argv=None) -> int:
     print(section)
     print(json.dumps({"rows": rows, "overhead": overhead}, indent=2))
     if args.doc:
-        doc = Path(args.doc)
-        text = doc.read_text() if doc.is_file() else ""
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda m: section, text, flags=re.S) \
-            if BEGIN in text else text.rstrip() + "\n\n" + section + "\n"
-        doc.write_text(text)
+        from personalize.bench.precision import replace_section
+
+        replace_section(Path(args.doc), BEGIN, END, section)
     return 0
 
 

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="incontext,lora,textual_inversion,dreambooth",
                    help="comma-separated: incontext (the shipped in-context model, no training), lora, "
                         "textual_inversion, dreambooth")
-    p.add_argument("-n", type=int, default=2, help="images per prompt")
+    p.add_argument("-n", type=int, default=1, help="images per prompt (ToyBench: 2)")
     p.add_argument("--class-noun", default="star", help="class noun of your own subject (folder mode)")
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.set_defaults(func=cmd_demo)

@@ -132,3 +132,15 @@ def test_eval_script_help():
     assert proc.returncode == 0
     for flag in ("--quick", "--only", "--resolution", "--steps", "--device"):
         assert flag in proc.stdout
+
+
+def test_replace_section_appends_then_replaces_in_place(tmp_path):
+    from personalize.bench.precision import replace_section
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    replace_section(doc, "<!-- a -->", "<!-- /a -->", "<!-- a -->\nfirst\n<!-- /a -->")
+    doc.write_text(doc.read_text() + "\ntail\n")
+    replace_section(doc, "<!-- a -->", "<!-- /a -->", "<!-- a -->\nsecond\n<!-- /a -->")
+    text = doc.read_text()
+    assert text == "# Benchmarks\n\nkept\n\n<!-- a -->\nsecond\n<!-- /a -->\n\ntail\n"

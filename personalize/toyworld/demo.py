@@ -27,7 +27,7 @@ def _log(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_demo(out: Path, subject: Optional[str] = None, methods: tuple[str, ...] = DEFAULT_METHODS, n: int = 2,
+def run_demo(out: Path, subject: Optional[str] = None, methods: tuple[str, ...] = DEFAULT_METHODS, n: int = 1,
              class_noun: str = "star", steps: int = 25) -> dict[str, Path]:
     from personalize.toyworld.model import toy_model_path
 
