@@ -29,7 +29,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from personalize.bench.precision import replace_section, toy_unet_step_seconds
+    from personalize.bench.precision import toy_unet_step_seconds
+    from personalize.bench.report import replace_section
     from personalize.precision import BF16_CPU_FLAGS, cpu_flags, resolve_mixed_precision
 
     torch.set_num_threads(args.threads)

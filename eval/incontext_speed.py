@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     print(section)
     print(json.dumps({"rows": rows, "overhead": overhead}, indent=2))
     if args.doc:
-        from personalize.bench.precision import replace_section
+        from personalize.bench.report import replace_section
 
         replace_section(Path(args.doc), BEGIN, END, section)
     return 0

@@ -72,7 +72,7 @@ class Trainer:
                                f"{acc.num_processes} ({acc.distributed_type}); check the launcher's settings")
         if precision == "fp16" and not acc.native_amp:
             raise ConfigError(f"train.mixed_precision: fp16 needs a CUDA/XPU/MPS device, this run is on "
-                              f"{acc.device}; use bf16 (fast on recent CPUs) or no")
+                              f"{acc.device}; use auto, no, or bf16 (fast only on CPUs with bf16 instructions)")
         self.models = models = load_models(cfg.model)
         set_seed(train.seed)  # what a method draws in setup (LoRA init) follows train.seed, not the RNG's history
         method.setup(models)

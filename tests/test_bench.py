@@ -135,7 +135,7 @@ def test_eval_script_help():
 
 
 def test_replace_section_appends_then_replaces_in_place(tmp_path):
-    from personalize.bench.precision import replace_section
+    from personalize.bench.report import replace_section
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nkept\n")

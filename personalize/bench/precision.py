@@ -5,10 +5,8 @@ MSE, backward) in float32 and under bfloat16 autocast, the median of a few timed
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,12 +34,3 @@ def toy_unet_step_seconds(precision: str, batch: int = 8, steps: int = 3, warmup
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def replace_section(doc: Path, begin: str, end: str, section: str) -> None:
-    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into ``doc`` in place of the
-    previous one, or at its end."""
-    text = doc.read_text() if doc.is_file() else ""
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: section, text, flags=re.S) \
-        if begin in text else text.rstrip() + "\n\n" + section + "\n"
-    doc.write_text(text)

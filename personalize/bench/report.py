@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -263,3 +264,12 @@ def render_markdown(report: Report) -> str:
 
 def print_summary(report: Report, log: Callable[[str], None] = print) -> None:
     log(render_markdown(report))
+
+
+def replace_section(doc: Path, begin: str, end: str, section: str) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into ``doc`` in place of the
+    previous one, or at its end."""
+    text = doc.read_text() if doc.is_file() else ""
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: section, text, flags=re.S) \
+        if begin in text else text.rstrip() + "\n\n" + section + "\n"
+    doc.write_text(text)
