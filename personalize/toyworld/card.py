@@ -102,6 +102,9 @@ def _candidates(measured: dict) -> str:
 """
 
 
+PRECISION_WORDS = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+
+
 def _continue_step(run: Optional[dict]) -> str:
     if not run:
         return ""
@@ -121,6 +124,8 @@ def model_card(measured: dict, vae_run: dict, base_run: dict, continue_run: Opti
     psnr, rb = measured["vae_psnr_db"], measured["prompt_readback"]
     gen, real = rb["generated"], rb["real renders"]
     hours = lambda run: f"{run.get('train_seconds', float('nan')) / 60:.0f} min" if run else "?"
+    # runs recorded before run_summary.json named the precision were trained when the recipes said bf16
+    precision = lambda run: PRECISION_WORDS[run.get("mixed_precision", "bf16")] if run else "?"
     return f"""# The toy base model
 
 A Stable-Diffusion-architecture text-to-image model for the 64x64 toy world (`personalize/toyworld/`),
@@ -142,10 +147,10 @@ first use from seed 0: half generic objects of every class, color, pattern, scen
 half training subjects; held-out subjects never appear).
 
 1. `personalize train toy/vae` (method `autoencoder`): {vae_run.get('steps', '?')} steps of batch 32,
-   L1 + MSE + image-gradient L1 + 1e-6 KL, bf16 autocast, {hours(vae_run)} on a 2-core CPU.
+   L1 + MSE + image-gradient L1 + 1e-6 KL, {precision(vae_run)}, {hours(vae_run)} on a 2-core CPU.
 2. `personalize train toy/base` (method `text2image`, text encoder + U-Net from scratch over the VAE of
    stage 1, cached latents, caption dropout 0.1 for guidance, min-SNR 5): {base_run.get('steps', '?')} steps
-   of batch 64, bf16 autocast, {hours(base_run)} on a 2-core CPU.
+   of batch 64, {precision(base_run)}, {hours(base_run)} on a 2-core CPU.
 {_continue_step(continue_run)}{"4" if continue_run else "3"}. `python eval/toy_model.py --ship {"outputs/toy-base-continue" if continue_run else "outputs/toy-base"}` stores it here in fp16 and measures it.
 
 ## Measurements (`python eval/toy_model.py`)
