@@ -31,19 +31,15 @@ def main(argv=None) -> int:
 
     from personalize.bench.precision import toy_unet_step_seconds
     from personalize.bench.report import replace_section
-    from personalize.precision import BF16_CPU_FLAGS, cpu_flags, resolve_mixed_precision
+    from personalize.precision import cpu_bf16_flags, resolve_mixed_precision
 
     torch.set_num_threads(args.threads)
-    try:
-        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        flags = set()
     seconds = {p: toy_unet_step_seconds(p, args.batch, args.steps) for p in ("no", "bf16")}
     command = " ".join(["python eval/cpu_precision.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [BEGIN, "## CPU autocast precision", "",
              f"Measured by `{command}` on {platform.processor() or platform.machine()} "
              f"({torch.backends.cpu.get_cpu_capability()}; bf16 instructions: "
-             f"{', '.join(sorted(flags & BF16_CPU_FLAGS)) or 'none'}), {args.threads} thread(s), torch "
+             f"{', '.join(sorted(cpu_bf16_flags())) or 'none'}), {args.threads} thread(s), torch "
              f"{torch.__version__}: one training step of the toy U-Net, batch {args.batch}, median of {args.steps}.",
              "", "| precision | s / step | vs float32 |", "|---|---:|---:|",
              f"| float32 (`no`) | {seconds['no']:.3f} | 1.00x |",

@@ -33,13 +33,18 @@ def cpu_flags(cpuinfo: str) -> set[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bfloat16 instructions (read from ``/proc/cpuinfo``; False where it is missing)."""
+def cpu_bf16_flags() -> frozenset[str]:
+    """This CPU's bfloat16 instruction flags, from ``/proc/cpuinfo`` (none where it is missing)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return bool(cpu_flags(text) & BF16_CPU_FLAGS)
+        return frozenset()
+    return frozenset(cpu_flags(text) & BF16_CPU_FLAGS)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bfloat16 instructions."""
+    return bool(cpu_bf16_flags())
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
