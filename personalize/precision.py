@@ -4,8 +4,8 @@
 bfloat16 autocast is only fast where the processor has bfloat16 instructions: a CUDA GPU that supports it,
 or a CPU with AVX512-BF16 / AMX-BF16 (x86) or BF16 (Arm). Elsewhere PyTorch emulates it, and a CPU run
 becomes many times slower than float32: the toy U-Net's training step (batch 8, one thread) took 11.3 s under
-bf16 autocast vs 0.83 s in float32 on an AMD EPYC with AVX2 only (``python eval/cpu_precision.py``), while on CPUs with AVX512-BF16 the same
-autocast was measured 1.5-3.5x *faster* than float32. So the toy recipes say ``auto``, and an explicit
+bf16 autocast vs 0.83 s in float32 on an AMD EPYC with AVX2 only (``python eval/cpu_precision.py``), while on
+CPUs with AVX512-BF16 the same autocast was measured 1.5-3.5x *faster* than float32. So the toy recipes say ``auto``, and an explicit
 ``bf16`` on such a CPU is kept (the user asked for it) but warned about.
 """
 
@@ -64,5 +64,6 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
 
 def warn_slow_cpu_bf16(what: str) -> None:
     logger.warning("%s on a CPU without bfloat16 instructions (no avx512_bf16 / amx_bf16 in /proc/cpuinfo): "
-                   "PyTorch emulates bf16 there, measured 13.6x slower than float32 for the toy U-Net (eval/cpu_precision.py). "
+                   "PyTorch emulates bf16 there, measured 13.6x slower than float32 for the toy U-Net "
+                   "(eval/cpu_precision.py). "
                    "Use 'auto' (float32 on this CPU) or 'no' unless you want exactly bf16 numerics.", what)
