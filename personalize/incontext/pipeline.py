@@ -21,7 +21,7 @@ from PIL import Image
 from personalize.data.images import DataError
 from personalize.incontext.attention import ReferenceFeatures
 from personalize.incontext.model import InContextSpec, encode_references, load_incontext, predict_noise
-from personalize.precision import cpu_has_native_bf16, warn_slow_cpu_bf16
+from personalize.precision import warn_if_slow_bf16
 
 
 class ReferenceImageError(DataError):
@@ -111,8 +111,8 @@ class InContextPipeline:
         stay in float32), as the trainer's ``mixed_precision: bf16``; faster on CPUs with bf16 instructions, much
         slower on CPUs without them (:mod:`personalize.precision`)."""
         device = self.device
-        if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
-            warn_slow_cpu_bf16("in-context sampling with bf16")
+        if bf16:
+            warn_if_slow_bf16(device.type, "in-context sampling with bf16")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             latents = self._sample(prompt, references, reference_captions, num_images, text_scale, ref_scale, steps,
                                    seed, allow_more_references)
