@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (in-context: text)")
     parser.add_argument("--ref-guidance", type=float, default=4.0, help="in-context rows: reference guidance scale")
     parser.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
+    parser.add_argument("--references", type=int, default=0, metavar="K",
+                        help="in-context rows: use K of each subject's 4 references (default 0: as many as the model "
+                             "was trained with)")
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
     parser.add_argument("--caption-references", action=argparse.BooleanOptionalAction, default=True,
                         help="fine-tune rows train on each reference's own caption with the subject named "
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     command = "python eval/toybench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     files = run_toybench(subjects, rows, Path(args.out), n=args.n, steps=args.steps, drift_images=args.drift_images,
                          guidance=args.guidance, ref_guidance=args.ref_guidance, bf16=args.bf16,
+                         references=args.references,
                          caption_references=args.caption_references,
                          doc=Path(args.doc) if args.doc else None, command=command.strip())
     print(files["markdown"].read_text())

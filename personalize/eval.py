@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (in-context: text)")
     gen.add_argument("--ref-guidance", type=float, default=2.0, help="in-context rows: reference guidance scale")
     gen.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
+    gen.add_argument("--references", type=int, default=0, metavar="K",
+                     help="in-context rows: use K of each subject's references (default 0: as many as the model was "
+                          "trained with; more is allowed)")
     gen.add_argument("--drift-images", type=int, default=0,
                      help="also N images of the bare class prompt per row, for language drift (0 = off)")
     gen.add_argument("--resolution", type=int,
@@ -97,6 +100,7 @@ def run(args) -> int:
 
     settings = EvalSettings(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                             guidance=args.guidance, ref_guidance=args.ref_guidance, bf16=args.bf16,
+                            references=args.references,
                             drift_images=args.drift_images,
                             batch_size=args.batch_size, resolution=args.resolution,
                             token=args.token, keep_weights=args.keep_weights, device=args.device,

@@ -39,6 +39,8 @@ class EvalSettings:
     guidance: float = 7.5
     ref_guidance: float = 2.0  # in-context rows: the reference guidance scale (guidance is the text scale)
     bf16: bool = False  # in-context rows: sample under bfloat16 autocast
+    references: int = 0  # in-context rows: use this many of a subject's references (0: as many as the model
+    #                      was trained with; more is allowed, as the fine-tuning rows train on all of them)
     batch_size: int = 8
     resolution: Optional[int] = None  # default: the recipe's data.resolution (zero-shot rows: the model's own)
     token: str = "sks"  # DreamBooth / LoRA's unique identifier; Textual Inversion uses its placeholder

@@ -164,6 +164,9 @@ def _notes(plan: dict, subjects: dict) -> str:
 
     rows = "; ".join(f"{r['label']}: {r['kind']}" + (f" with `{Path(r['recipe']).name}`" if r.get("recipe") else "")
                      + extra(r) + (f" on `{r['base']}`" if r.get("base") else "") for r in plan["rows"])
+    if any(r.get("method") == "incontext" for r in plan["rows"]):
+        k = s.get("references") or "as many as the model was trained with"
+        text += f" In-context rows: reference guidance {s.get('ref_guidance')}, references per subject: {k}."
     return text + f" Rows: {rows}."
 
 

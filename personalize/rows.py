@@ -345,11 +345,12 @@ class InContextRow(ZeroShotRow):
         spec = read_spec(self.arg)
         pipe = InContextPipeline.from_pretrained(self.arg, base=self.base or spec.base,
                                                  device=settings.torch_device())
-        k = spec.num_references
+        k = settings.references or spec.num_references
         texts = [p.text(subject.class_noun) for p in subject.prompts]
         images = [pipe(text, subject.references[:k], subject.captions()[:k], num_images=settings.images_per_prompt,
                        text_scale=settings.guidance, ref_scale=settings.ref_guidance, steps=settings.steps,
-                       seed=settings.seed, bf16=settings.bf16) for text in texts]
+                       seed=settings.seed, bf16=settings.bf16, allow_more_references=k > spec.num_references)
+                  for text in texts]
         return texts, images
 
 

@@ -350,15 +350,20 @@ def test_copy_paste_rate_flags_near_duplicates_of_references():
     assert copy_paste_rate(others, refs) == 0.0
 
 
-def test_incontext_row_in_the_harness(train_run, tmp_path):
+def test_incontext_row_in_the_harness(train_run, tmp_path, monkeypatch):
     import json
 
     from personalize.dreambench import BenchSubject, EvalPrompt, LaunchState
     from personalize.harness import EvalSettings, run_benchmark
+    from personalize.incontext.pipeline import InContextPipeline
     from personalize.metrics import load_metrics
     from personalize.rows import build_row
 
-    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
+    encoded = []  # how many references each encoding saw
+    original = InContextPipeline.encode_references
+    monkeypatch.setattr(InContextPipeline, "encode_references",
+                        lambda self, images, captions: encoded.append(len(images)) or original(self, images, captions))
+    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")  # 2 references
     refs = sorted(Path("recipes/tiny/subject").glob("*.png"))[:3]
     subject = BenchSubject("toy", "toy", refs, [EvalPrompt(0, "a {} in the snow", "recontextualization")])
     row = build_row(f"incontext:{tmp_path / 'run'}")
@@ -368,6 +373,14 @@ def test_incontext_row_in_the_harness(train_run, tmp_path):
     entry = result["table"]["incontext"]
     assert entry["subjects"] == 1 and 0.0 <= entry["copy_paste_rate"] <= 1.0 and entry["train_seconds"] is None
     assert result["rows"][0]["model"] == str(tmp_path / "run")
+    assert encoded == [2]  # as many references as the model was trained with
+    assert "references per subject: as many as the model was trained with" in files["markdown"].read_text()
+
+    # all three of the subject's references, more than the model was trained with, when asked
+    settings = EvalSettings(out=str(tmp_path / "eval3"), images_per_prompt=2, steps=2, guidance=3.0, references=3)
+    files = run_benchmark([subject], [row], load_metrics("tiny"), settings, state=LaunchState(), log=lambda m: None)
+    assert encoded == [2, 3]
+    assert "references per subject: 3" in files["markdown"].read_text()
     with pytest.raises(ValueError, match="incontext:FOLDER"):
         build_row("incontext")
 
