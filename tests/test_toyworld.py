@@ -214,3 +214,20 @@ def test_card_lists_a_vae_that_is_measured_but_not_shipped(tmp_path):
     card = model_card({**measured, "vae_candidates": [candidate]}, {}, {})
     assert f"Not shipped: `{run / 'vae'}` (900 steps, 17 min): mean **{candidate['mean']:.1f} dB**" in card
     assert "Not shipped" not in model_card({**measured, "vae_candidates": []}, {}, {})
+
+
+def test_vae_psnr_by_scene_groups_the_measured_renders():
+    """The card breaks the VAE's PSNR down by the renders' scene, lowest first; every render counts once."""
+    import numpy as np
+
+    from personalize.toyworld.card import model_card
+    from personalize.toyworld.model import TOY_MODEL_DIR, psnr_by_scene, psnr_specs
+
+    specs = psnr_specs(40)
+    psnr = np.array([20.0 if s.scene == "city" else 30.0 for s in specs])
+    scenes = psnr_by_scene(psnr, n=40)
+    assert list(scenes)[0] == "city" and scenes["city"] == 20.0
+    assert set(scenes) == {s.scene or "none" for s in specs} and all(v == 30.0 for k, v in scenes.items() if k != "city")
+    measured = json.loads((TOY_MODEL_DIR / "measurements.json").read_text())
+    assert "By scene, lowest first" in model_card(measured, {}, {})
+    assert "By scene" not in model_card({**measured, "vae_psnr_db": {**measured["vae_psnr_db"], "by_scene": {}}}, {}, {})

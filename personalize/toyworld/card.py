@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from personalize.toyworld.model import TOY_MODEL_DIR, vae_psnr
+from personalize.toyworld.model import TOY_MODEL_DIR, psnr_by_scene, vae_psnr
 from personalize.toyworld.world import render, sample_spec
 
 RUNS_NAME = "training_runs.json"  # kept with the weights: the training stages' own run folders are not
@@ -71,7 +72,7 @@ def measure(model_dir: Path, n_captions: int = 200) -> dict:
     readback = prompt_readback(pipe, Judges.load(), n=n_captions)
     readback.pop("images")
     return {"vae_psnr_db": {"mean": float(psnr.mean()), "median": float(np.median(psnr)), "min": float(psnr.min()),
-                            "images": len(psnr)},
+                            "images": len(psnr), "by_scene": psnr_by_scene(psnr, n=len(psnr))},
             "prompt_readback": readback, "readback_seconds": time.perf_counter() - start,
             "size_mb": sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) / 2**20}
 
@@ -100,6 +101,15 @@ def _candidates(measured: dict) -> str:
   it means measuring every ToyBench row again, for a VAE still short of the 30 dB aimed for; reaching
   30 dB needs a larger VAE and the U-Net (and the in-context model) retrained on its latents.
 """
+
+
+def _by_scene(psnr: dict) -> str:
+    scenes = psnr.get("by_scene")
+    if not scenes:
+        return ""
+    text = ("By scene, lowest first (the textured backgrounds are where detail is lost): "
+            + ", ".join(f"{scene} {value:.1f} dB" for scene, value in scenes.items()) + ".")
+    return textwrap.fill(text, 106, initial_indent="  ", subsequent_indent="  ") + "\n"
 
 
 PRECISION_WORDS = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
@@ -157,7 +167,7 @@ half training subjects; held-out subjects never appear).
 
 - VAE reconstruction PSNR on {psnr['images']} fresh held-out renders (half of them held-out subjects):
   mean **{psnr['mean']:.1f} dB**, median {psnr['median']:.1f} dB, worst {psnr['min']:.1f} dB.
-{_candidates(measured)}- Prompt read-back: one image for each of {rb['captions']} random captions (25 DDIM steps, guidance 4),
+{_by_scene(psnr)}{_candidates(measured)}- Prompt read-back: one image for each of {rb['captions']} random captions (25 DDIM steps, guidance 4),
   read by the attribute judge (`docs/judges.md`), and the same judge on real renders of the same captions:
 
 | | class | color | scene | accessory (captions with one) |

@@ -74,18 +74,37 @@ def build_toy_init(seed: int = 0) -> tuple[str, dict]:
     return "sd", components
 
 
+def psnr_specs(n: int = 256, seed: int = 12345) -> list:
+    """The render specs :func:`vae_psnr` measures: held-out seeds, every second one a held-out subject."""
+    import numpy as np
+
+    from personalize.toyworld.world import heldout_subjects, sample_spec
+
+    rng = np.random.default_rng([6, seed])
+    subjects = heldout_subjects()
+    return [sample_spec(rng, subjects[i % len(subjects)] if i % 2 else None) for i in range(n)]
+
+
+def psnr_by_scene(psnr, n: int = 256, seed: int = 12345) -> dict[str, float]:
+    """Mean of :func:`vae_psnr`'s per-image figures by the renders' scene ("none": plain background),
+    lowest first: where the VAE loses detail."""
+    import numpy as np
+
+    groups: dict[str, list[float]] = {}
+    for spec, value in zip(psnr_specs(n, seed), psnr):
+        groups.setdefault(spec.scene or "none", []).append(float(value))
+    return dict(sorted(((scene, float(np.mean(v))) for scene, v in groups.items()), key=lambda kv: kv[1]))
+
+
 @torch.no_grad()
 def vae_psnr(vae: AutoencoderKL, n: int = 256, seed: int = 12345, batch_size: int = 32):
     """PSNR (dB) of ``vae`` reconstructions (posterior mean) of ``n`` fresh renders that no training set
     holds: held-out seeds, half of them held-out subjects. Returns (per-image PSNR array, renders, recs)."""
     import numpy as np
 
-    from personalize.toyworld.world import heldout_subjects, render, sample_spec
+    from personalize.toyworld.world import render
 
-    rng = np.random.default_rng([6, seed])
-    subjects = heldout_subjects()
-    specs = [sample_spec(rng, subjects[i % len(subjects)] if i % 2 else None) for i in range(n)]
-    images = np.stack([render(s) for s in specs])
+    images = np.stack([render(s) for s in psnr_specs(n, seed)])
     recs = []
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     for start in range(0, n, batch_size):
