@@ -187,7 +187,8 @@ def test_incontext_trains_only_the_reference_layers_or_with_lora(train_run, tmp_
 
 def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run, tmp_path):
     """incontext.init_from loads a trained model's layers before training (toy/incontext-continue); a model
-    with blocks the recipe lacks, another K or another LoRA rank is a clear error naming the key."""
+    with blocks the recipe lacks, a lower K or another LoRA rank is a clear error naming the key; a higher K
+    (more examples per target) is allowed."""
     from safetensors.torch import load_file
 
     from personalize.incontext import reference_state_dict
@@ -201,7 +202,11 @@ def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run,
     trainer.setup()
     loaded = reference_state_dict(trainer.models.unet)
     assert set(loaded) == set(first) and all(torch.equal(loaded[k], first[k]) for k in first)
-    for override, key in (("incontext.blocks=[mid]", "blocks"), ("incontext.num_references=3", "num_references"),
+    more = Trainer(make_config("tiny/incontext", tmp_path / "k3", "train.max_steps=1", "train.mixed_precision=no",
+                               "incontext.num_references=3", f"incontext.init_from={tmp_path / 'a' / 'run'}"))
+    more.setup()
+    assert all(torch.equal(reference_state_dict(more.models.unet)[k], first[k]) for k in first)
+    for override, key in (("incontext.blocks=[mid]", "blocks"), ("incontext.num_references=1", "num_references"),
                           ("incontext.reference_query=self", "reference_query")):
         with pytest.raises(InContextLoadError, match=rf"incontext.init_from: .*'{key}'"):
             Trainer(make_config("tiny/incontext", tmp_path / "c", override, "train.mixed_precision=no",

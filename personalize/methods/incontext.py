@@ -53,8 +53,8 @@ class InContextConfig:
     toyworld_seed: int = option(0, "seed of the rendered toy-world clusters")
     init_from: Optional[str] = option(None, "start the new layers (and LoRA) from this in-context model folder, "
                                             "e.g. to train the shipped toy one further; this section may add "
-                                            "block groups and LoRA target modules, not remove them, and keep "
-                                            "its K and LoRA rank")
+                                            "block groups and LoRA target modules, not remove them, raise its "
+                                            "K (examples per target), not lower it, and keep its LoRA rank")
 
     def __post_init__(self) -> None:
         if self.num_references < 1:
@@ -114,8 +114,9 @@ class InContext(Method):
 
     def _init_from(self, models) -> None:
         """Start from a trained in-context model. The recipe may grow it: reference attention in more
-        block groups, LoRA where it had none or on more modules (same rank); the added layers start at
-        zero (LoRA B = 0), so training starts from exactly the saved model's predictions."""
+        block groups, LoRA where it had none or on more modules (same rank), more examples per target (K;
+        the layers do not depend on it); the added layers start at zero (LoRA B = 0), so training starts
+        from exactly the saved model's predictions."""
         from personalize.incontext.model import InContextLoadError, load_incontext, read_spec
 
         spec = read_spec(self.options.init_from)  # a clear error if the folder is not an in-context model
@@ -125,7 +126,7 @@ class InContext(Method):
             problems["blocks"] = (sorted(spec.blocks), sorted(self.options.blocks))
         if spec.reference_query != self.options.reference_query:
             problems["reference_query"] = (spec.reference_query, self.options.reference_query)
-        if spec.num_references != self.options.num_references:
+        if spec.num_references > self.options.num_references:  # more examples per target: the layers are K-agnostic
             problems["num_references"] = (spec.num_references, self.options.num_references)
         if given_rank not in (0, self.options.lora_rank):
             problems["lora_rank"] = (given_rank, self.options.lora_rank)
@@ -135,7 +136,7 @@ class InContext(Method):
         if problems:
             raise InContextLoadError(f"incontext.init_from: {self.options.init_from} does not match this recipe "
                                      f"(its value, the recipe's; the recipe may add block groups, LoRA to a model "
-                                     f"without it and LoRA target modules): {problems}")
+                                     f"without it and LoRA target modules, and raise K): {problems}")
         load_incontext(models.unet, self.options.init_from, models.family.name, grow=True,
                        lora=self.lora_config() if given_rank else None)
 
