@@ -71,6 +71,13 @@ def card(config: dict, summary: dict, recipe: str, earlier: list[str] = (), defa
     stages = [*earlier, stage_line(len(earlier) + 1, config, summary, f"`personalize train {recipe}`")]
     lines = "\n".join(stages)
     use = "this model is the default `--model`" if default else "with `--model` set to this folder"
+    examples = f"their {options.get('num_references')} examples"
+    start = Path(options["init_from"]) / CONFIG_NAME if options.get("init_from") else None
+    if start is not None and start.is_file():  # a stage may raise K (incontext.init_from)
+        before = json.loads(start.read_text()).get("num_references")
+        if before != options.get("num_references"):
+            examples = (f"their examples ({before} per target in the stages before the last, "
+                        f"{options.get('num_references')} in the last)")
     return f"""# Toy in-context model
 
 Reference attention (SuTI / Re-Imagen style, `personalize/incontext/`) trained on the shipped toy base
@@ -78,7 +85,7 @@ model (`model.base: toy`), {lora}, with this project's trainer, in the stages li
 
 - Training data: toy-world clusters of {options.get('toyworld_subjects')} training subjects x
   {options.get('toyworld_per_subject')} renders in distinct contexts (`{options.get('manifest')}`); targets
-  differ in context from their {options.get('num_references')} examples; the 12 held-out ToyBench subjects never appear.
+  differ in context from {examples}; the 12 held-out ToyBench subjects never appear.
 {lines}
 - ToyBench (subject / prompt fidelity against LoRA and DreamBooth): `docs/toybench.md`.
 

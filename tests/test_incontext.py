@@ -427,3 +427,23 @@ def test_unknown_reference_query_is_refused_naming_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match=r"incontext.reference_query: 'sharp'; choose from shared, self"):
         make_config("tiny/incontext", tmp_path, "incontext.reference_query=sharp")
+
+
+def test_ship_card_names_a_stage_that_raised_k(tmp_path):
+    """eval/toy_incontext.py's card says when the last stage trained with more examples per target than
+    the model it started from (incontext.init_from may raise K)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("toy_incontext", Path("eval/toy_incontext.py"))
+    toy_incontext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_incontext)
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "incontext_config.json").write_text(json.dumps({"num_references": 3}))
+    summary = {"steps": 800, "train_seconds": 600.0, "final_loss": 0.03, "mixed_precision": "no"}
+    options = {"num_references": 4, "blocks": ["up"], "init_from": str(start)}
+    text = toy_incontext.card({"incontext": options, "train": {}}, summary, "toy/incontext-self-lora")
+    assert "their examples (3 per target in the stages before the last, 4 in the last)" in text
+    same = toy_incontext.card({"incontext": {**options, "num_references": 3}, "train": {}}, summary, "toy/x")
+    assert "their 3 examples" in same and "stages before the last" not in same
