@@ -23,6 +23,17 @@ def _indices(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated prompt indices such as 0,10,20, got {text!r}")
 
 
+def parse_interval(text: str) -> tuple[float, float]:
+    """``"LO,HI"`` (command lines' ``--ref-interval``) as fractions of the noise schedule, 0 <= LO <= HI <= 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give LO,HI, two numbers such as 0,0.6") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 <= LO <= HI <= 1 (fractions of the noise schedule)")
+    return lo, hi
+
+
 def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -46,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (in-context: text)")
     gen.add_argument("--ref-guidance", type=float, default=2.0, help="in-context rows: reference guidance scale")
     gen.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
+    gen.add_argument("--ref-interval", type=parse_interval, metavar="LO,HI",
+                     help="in-context rows: reference guidance only at noise levels LO <= t/T <= HI (elsewhere "
+                          "scale 1), e.g. 0,0.6")
     gen.add_argument("--references", type=int, default=0, metavar="K",
                      help="in-context rows: use K of each subject's references (default 0: as many as the model was "
                           "trained with; more is allowed)")
@@ -100,7 +114,7 @@ def run(args) -> int:
 
     settings = EvalSettings(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                             guidance=args.guidance, ref_guidance=args.ref_guidance, bf16=args.bf16,
-                            references=args.references,
+                            references=args.references, ref_interval=args.ref_interval,
                             drift_images=args.drift_images,
                             batch_size=args.batch_size, resolution=args.resolution,
                             token=args.token, keep_weights=args.keep_weights, device=args.device,

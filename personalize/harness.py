@@ -39,6 +39,7 @@ class EvalSettings:
     guidance: float = 7.5
     ref_guidance: float = 2.0  # in-context rows: the reference guidance scale (guidance is the text scale)
     bf16: bool = False  # in-context rows: sample under bfloat16 autocast
+    ref_interval: Optional[tuple[float, float]] = None  # in-context rows: reference guidance only at t/T in it
     references: int = 0  # in-context rows: use this many of a subject's references (0: as many as the model
     #                      was trained with; more is allowed, as the fine-tuning rows train on all of them)
     batch_size: int = 8

@@ -166,7 +166,9 @@ def _notes(plan: dict, subjects: dict) -> str:
                      + extra(r) + (f" on `{r['base']}`" if r.get("base") else "") for r in plan["rows"])
     if any(r.get("method") == "incontext" for r in plan["rows"]):
         k = s.get("references") or "as many as the model was trained with"
-        text += f" In-context rows: reference guidance {s.get('ref_guidance')}, references per subject: {k}."
+        interval = s.get("ref_interval")
+        where = f" at noise levels {interval[0]}..{interval[1]} of the schedule (1 elsewhere)" if interval else ""
+        text += f" In-context rows: reference guidance {s.get('ref_guidance')}{where}, references per subject: {k}."
     return text + f" Rows: {rows}."
 
 

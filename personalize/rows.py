@@ -349,7 +349,8 @@ class InContextRow(ZeroShotRow):
         texts = [p.text(subject.class_noun) for p in subject.prompts]
         images = [pipe(text, subject.references[:k], subject.captions()[:k], num_images=settings.images_per_prompt,
                        text_scale=settings.guidance, ref_scale=settings.ref_guidance, steps=settings.steps,
-                       seed=settings.seed, bf16=settings.bf16, allow_more_references=k > spec.num_references)
+                       seed=settings.seed, bf16=settings.bf16, allow_more_references=k > spec.num_references,
+                       ref_interval=tuple(settings.ref_interval) if settings.ref_interval else None)
                   for text in texts]
         return texts, images
 

@@ -447,3 +447,37 @@ def test_ship_card_names_a_stage_that_raised_k(tmp_path):
     assert "their examples (3 per target in the stages before the last, 4 in the last)" in text
     same = toy_incontext.card({"incontext": {**options, "num_references": 3}, "train": {}}, summary, "toy/x")
     assert "their 3 examples" in same and "stages before the last" not in same
+
+
+def test_reference_guidance_interval(train_run, tmp_path):
+    """ref_interval=(lo, hi): the reference scale applies only at noise levels lo <= t/T <= hi, scale 1
+    elsewhere; (0, 1) is plain reference guidance, an interval that holds no sampling step is scale 1."""
+    import argparse
+
+    from personalize.eval import parse_interval
+    from personalize.incontext.pipeline import InContextPipeline
+
+    train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
+    pipe = InContextPipeline.from_pretrained(tmp_path / "run", base="tiny-sd")
+    with torch.no_grad():
+        for name, p in pipe.models.unet.named_parameters():
+            if "to_out_ref" in name:
+                p.normal_(0, 0.2)  # a reference branch that matters
+    refs = ["recipes/tiny/subject/00.png", "recipes/tiny/subject/01.png"]
+    caps = ["a toy on grass", "a toy in the snow"]
+
+    def sample(ref_scale, interval=None):  # 4 DDIM steps: t = 751, 501, 251, 1 of 1000
+        return pipe._sample("a toy in the snow", refs, caps, 2, 4.0, ref_scale, 4, 0, False, interval)
+
+    full, unit = sample(3.0), sample(1.0)
+    assert not torch.allclose(full, unit, atol=1e-4)
+    assert torch.equal(sample(3.0, (0.0, 1.0)), full)
+    assert torch.equal(sample(3.0, (0.0, 0.0)), unit)  # no step inside the interval
+    late = sample(3.0, (0.0, 0.6))  # the last 3 steps only
+    assert not torch.allclose(late, full, atol=1e-4) and not torch.allclose(late, unit, atol=1e-4)
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= 1"):
+        sample(3.0, (0.6, 0.2))
+    assert parse_interval("0,0.6") == (0.0, 0.6)
+    for bad in ("0.6,0.2", "x", "0,1,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_interval(bad)

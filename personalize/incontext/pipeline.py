@@ -105,22 +105,30 @@ class InContextPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str, references: Sequence, reference_captions: Optional[Sequence[str]] = None,
                  num_images: int = 1, text_scale: float = 4.0, ref_scale: float = 2.0, steps: int = 25,
-                 seed: int = 0, allow_more_references: bool = False, bf16: bool = False) -> list[Image.Image]:
+                 seed: int = 0, allow_more_references: bool = False, bf16: bool = False,
+                 ref_interval: Optional[tuple[float, float]] = None) -> list[Image.Image]:
         """``num_images`` images of the references' subject for ``prompt``; image j uses seed ``seed + j``.
         ``bf16``: reference encoding and the U-Net under bfloat16 autocast (the scheduler and the VAE decoder
         stay in float32), as the trainer's ``mixed_precision: bf16``; faster on CPUs with bf16 instructions, much
-        slower on CPUs without them (:mod:`personalize.precision`)."""
+        slower on CPUs without them (:mod:`personalize.precision`). ``ref_interval=(lo, hi)``: reference
+        guidance only at noise levels ``lo <= t / T <= hi`` (T: the training timesteps), as guidance in a
+        limited interval (Kynkaanniemi et al., 2024); elsewhere the reference scale is 1 (the references are
+        used, not amplified)."""
         device = self.device
         if bf16:
             warn_if_slow_bf16(device.type, "in-context sampling with bf16")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             latents = self._sample(prompt, references, reference_captions, num_images, text_scale, ref_scale, steps,
-                                   seed, allow_more_references)
+                                   seed, allow_more_references, ref_interval)
         return self.decode(latents)
 
     def _sample(self, prompt, references, reference_captions, num_images, text_scale, ref_scale, steps, seed,
-                allow_more_references) -> torch.Tensor:
+                allow_more_references, ref_interval=None) -> torch.Tensor:
         from diffusers import DDIMScheduler
+
+        if ref_interval is not None and not 0.0 <= ref_interval[0] <= ref_interval[1] <= 1.0:
+            raise ValueError(f"reference guidance interval {tuple(ref_interval)}: give 0 <= lo <= hi <= 1 (fractions "
+                             "of the noise schedule)")
 
         images, captions = load_references(references, reference_captions, self.spec, allow_more_references)
         features = self.encode_references(images, captions)
@@ -139,7 +147,11 @@ class InContextPipeline:
             model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
             noise = predict_noise(self.models.unet, model_input, t.expand(3 * n), text, reference).float()
             e00, ec0, ecr = noise.chunk(3)
-            eps = e00 + text_scale * (ec0 - e00) + ref_scale * (ecr - ec0)
+            scale = ref_scale
+            if ref_interval is not None:
+                level = float(t) / scheduler.config.num_train_timesteps
+                scale = ref_scale if ref_interval[0] <= level <= ref_interval[1] else 1.0
+            eps = e00 + text_scale * (ec0 - e00) + scale * (ecr - ec0)
             latents = scheduler.step(eps, t, latents).prev_sample
         return latents
 

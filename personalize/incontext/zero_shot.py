@@ -14,6 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
+from personalize.eval import parse_interval
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -33,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--text-scale", type=float, default=6.0, help="text guidance scale (ToyBench: 6)")
     p.add_argument("--ref-scale", type=float, default=4.0, help="reference guidance scale (ToyBench: 4)")
+    p.add_argument("--ref-interval", type=parse_interval, metavar="LO,HI",
+                   help="reference guidance only at noise levels LO <= t/T <= HI (elsewhere scale 1), e.g. 0,0.6")
     p.add_argument("--allow-more-references", action="store_true",
                    help="allow more references than the model was trained with")
     p.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (faster on CPUs with bf16)")
@@ -89,6 +93,6 @@ def run(args) -> int:
     pipe = InContextPipeline.from_pretrained(model, base=args.base or spec.base or "toy", device=device)
     images = pipe(args.prompt, refs, captions, num_images=args.n, text_scale=args.text_scale,
                   ref_scale=args.ref_scale, steps=args.steps, seed=args.seed,
-                  allow_more_references=args.allow_more_references, bf16=args.bf16)
+                  allow_more_references=args.allow_more_references, bf16=args.bf16, ref_interval=args.ref_interval)
     save_images(images, out)
     return 0

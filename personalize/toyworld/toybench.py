@@ -110,7 +110,8 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
 
 def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 6.0, drift_images: int = 8,
                       title: str = "ToyBench", keep_weights: bool = False, caption_references: bool = True,
-                      ref_guidance: float = 4.0, bf16: bool = False, references: int = 0):
+                      ref_guidance: float = 4.0, bf16: bool = False, references: int = 0,
+                      ref_interval=None):
     """ToyBench's settings: 25 DDIM steps at guidance 6, fine-tuning rows trained on captioned references
     ("a sks ring on the grass"; without captions DreamBooth learns the references' backgrounds as part of
     the subject). DreamBooth on zorbo: uncaptioned, guidance 4: subject / prompt fidelity 0.443 / 0.700;
@@ -122,7 +123,7 @@ def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 
     return EvalSettings(out=str(out), images_per_prompt=n, steps=steps, guidance=guidance, batch_size=40,
                         token=TOKEN, drift_images=drift_images, title=title, keep_weights=keep_weights,
                         caption_references=caption_references, ref_guidance=ref_guidance, bf16=bf16,
-                        references=references)
+                        references=references, ref_interval=ref_interval)
 
 
 def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int = 2, steps: int = 25,
