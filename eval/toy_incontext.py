@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from personalize.incontext.model import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from personalize.toyworld.card import PRECISION_WORDS  # noqa: E402
 from personalize.toyworld.model import ASSETS  # noqa: E402
 
 TARGET = ASSETS / "toy-incontext"
@@ -32,11 +33,13 @@ def stage_line(number: int, config: dict, summary: dict, how: str) -> str:
     lora = ""
     if options.get("lora_rank"):
         lora = f", LoRA rank {options['lora_rank']} (learning rate {options.get('lora_learning_rate') or 'the same'})"
+    precision = summary.get('mixed_precision', train.get('mixed_precision'))
+    precision = PRECISION_WORDS.get(precision, precision)  # "no" -> float32
     query = " with a query of its own (`reference_query: self`)" if options.get("reference_query") == "self" else ""
     return (f"- Stage {number} ({how}): reference attention{query} on the `{', '.join(options.get('blocks', []))}` "
             f"blocks{lora}; {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate "
             f"{train.get('learning_rate')} ({train.get('lr_scheduler')}), "
-            f"{summary.get('mixed_precision', train.get('mixed_precision'))}; "
+            f"{precision}; "
             f"{summary.get('train_seconds', 0) / 60:.0f} min of training on the machine that trained it; final "
             f"logged loss {summary.get('final_loss', float('nan')):.4f}.")
 

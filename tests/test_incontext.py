@@ -403,8 +403,8 @@ def test_zero_shot_command_writes_images_and_reports_bad_references(train_run, t
     assert "missing.png" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("folder, query", [("toy-incontext", "shared"), ("toy-incontext-self", "self")])
-def test_shipped_toy_incontext_models_load_and_sample(folder, query):
+@pytest.mark.parametrize("folder, query, k", [("toy-incontext", "shared", 3), ("toy-incontext-self", "self", 4)])
+def test_shipped_toy_incontext_models_load_and_sample(folder, query, k):
     """The in-context models shipped in the package load onto the shipped toy model and generate from
     rendered references (personalize zero-shot's default and the own-query variant beside it)."""
     from personalize.incontext.pipeline import InContextPipeline
@@ -414,11 +414,11 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query):
     import numpy as np
 
     pipe = InContextPipeline.from_pretrained(ASSETS / folder, base="toy")
-    assert pipe.spec.reference_query == query and pipe.spec.num_references == 3
+    assert pipe.spec.reference_query == query and pipe.spec.num_references == k
     rng = np.random.default_rng(0)
     subject = heldout_subjects()[0]
-    refs = [Image.fromarray(render(sample_spec(rng, subject))) for _ in range(3)]
-    images = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * 3, steps=2)
+    refs = [Image.fromarray(render(sample_spec(rng, subject))) for _ in range(k)]
+    images = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2)
     assert len(images) == 1 and images[0].size == (64, 64)
 
 
