@@ -88,7 +88,8 @@ model (`model.base: toy`), {lora}, with this project's trainer, in the stages li
 
 - Training data: toy-world clusters of {options.get('toyworld_subjects')} training subjects x
   {options.get('toyworld_per_subject')} renders in distinct contexts (`{options.get('manifest')}`); targets
-  differ in context from {examples}; the 12 held-out ToyBench subjects never appear.
+  differ in context from {examples};
+  the 12 held-out ToyBench subjects never appear.
 {lines}
 - ToyBench (subject / prompt fidelity against LoRA and DreamBooth): `docs/toybench.md`.
 
@@ -105,6 +106,11 @@ def ship(run_dir: Path, recipe: str, target: Path = TARGET) -> Path:
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     summary = json.loads((run_dir / "run_summary.json").read_text())
+    start = config.get("incontext", {}).get("init_from")
+    if start and Path(start).resolve() == target.resolve() and (target / WEIGHTS_NAME).is_file() and \
+            (target / WEIGHTS_NAME).read_bytes() == (run_dir / WEIGHTS_NAME).read_bytes():
+        raise SystemExit(f"{run_dir} is already shipped in {target}, the folder it started from: its card lists this "
+                         "run's stage already (shipping it again would list it twice)")
     if summary.get("method") != "incontext":
         raise SystemExit(f"{run_dir}: method {summary.get('method')!r}, not an in-context model")
     tmp = target.with_name(target.name + ".tmp")

@@ -481,3 +481,26 @@ def test_reference_guidance_interval(train_run, tmp_path):
     for bad in ("0.6,0.2", "x", "0,1,2"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_interval(bad)
+
+
+def test_ship_refuses_a_run_already_shipped_into_the_folder_it_started_from(tmp_path):
+    """Shipping a stage into the folder it was trained from, a second time, would read its own card as the
+    earlier stages and list itself twice: eval/toy_incontext.py refuses, saying so."""
+    import importlib.util
+    import json
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("toy_incontext", Path("eval/toy_incontext.py"))
+    toy_incontext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_incontext)
+    target, run = tmp_path / "shipped", tmp_path / "run"
+    for folder in (target, run):
+        folder.mkdir()
+        (folder / "incontext_weights.safetensors").write_bytes(b"same weights")
+        (folder / "incontext_config.json").write_text(json.dumps({"num_references": 4}))
+    (run / "run_summary.json").write_text(json.dumps({"method": "incontext", "steps": 1}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"incontext": {"init_from": str(target)}, "train": {}}))
+    with pytest.raises(SystemExit, match="already shipped"):
+        toy_incontext.ship(run, "toy/x", target)
+    assert (target / "incontext_weights.safetensors").read_bytes() == b"same weights"  # left as it was
