@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from personalize.incontext.speed import (
         finetune_photos_to_images, incontext_photos_to_images, reference_attention_overhead,
     )
+    from personalize.precision import cpu_has_native_bf16
     from personalize.toyworld.toybench import METHOD_RECIPES, reference_specs, write_references
     from personalize.toyworld.world import caption, heldout_subjects
 
@@ -56,9 +57,11 @@ def main(argv=None) -> int:
     pipe(prompt, references[:1], captions[:1], num_images=1, steps=2)  # warm up
     incontext_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps)
     rows = {"in-context": {"total_seconds": incontext_s, "train_seconds": 0.0, "generate_seconds": incontext_s}}
-    pipe(prompt, references[:1], captions[:1], num_images=1, steps=2, bf16=True)  # warm up
-    bf16_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps, bf16=True)
-    rows["in-context, bf16 autocast"] = {"total_seconds": bf16_s, "train_seconds": 0.0, "generate_seconds": bf16_s}
+    bf16_s = None  # CPUs without bf16 instructions emulate it, many times slower (personalize/precision.py): skipped
+    if torch.cuda.is_available() or cpu_has_native_bf16():
+        pipe(prompt, references[:1], captions[:1], num_images=1, steps=2, bf16=True)  # warm up
+        bf16_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps, bf16=True)
+        rows["in-context, bf16 autocast"] = {"total_seconds": bf16_s, "train_seconds": 0.0, "generate_seconds": bf16_s}
     for method in [m for m in args.methods.split(",") if m]:
         rows[method] = finetune_photos_to_images(METHOD_RECIPES[method], refs_dir, subject.cls, prompt, work / method,
                                                  args.n, args.steps)
@@ -75,8 +78,12 @@ def main(argv=None) -> int:
              "| method | train s | generate s | photos to 4 images, s | vs in-context | vs in-context, bf16 |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
+        vs_bf16 = f"{r['total_seconds'] / bf16_s:.1f}x" if bf16_s else "–"
         lines.append(f"| {name} | {r['train_seconds']:.1f} | {r['generate_seconds']:.1f} | {r['total_seconds']:.1f} | "
-                     f"{r['total_seconds'] / incontext_s:.1f}x | {r['total_seconds'] / bf16_s:.1f}x |")
+                     f"{r['total_seconds'] / incontext_s:.1f}x | {vs_bf16} |")
+    if bf16_s is None:
+        lines += ["", "No bf16 row: this CPU has no bf16 instructions, so bf16 autocast would be emulated and many "
+                  "times slower (`python eval/cpu_precision.py`)."]
     lines += ["", f"Reference attention overhead on the sampling loop (batch {overhead['batch']}, {overhead['steps']} "
               f"U-Net calls, median of {overhead['repeats']} interleaved runs): {overhead['with_reference_s']:.2f} s "
               f"with vs {overhead['without_reference_s']:.2f} s without = **{overhead['ratio']:.2f}x**.", END]
