@@ -33,13 +33,12 @@ def stage_line(number: int, config: dict, summary: dict, how: str) -> str:
     lora = ""
     if options.get("lora_rank"):
         lora = f", LoRA rank {options['lora_rank']} (learning rate {options.get('lora_learning_rate') or 'the same'})"
-    precision = summary.get('mixed_precision', train.get('mixed_precision'))
+    precision = summary.get("mixed_precision", train.get("mixed_precision"))
     precision = PRECISION_WORDS.get(precision, precision)  # "no" -> float32
     query = " with a query of its own (`reference_query: self`)" if options.get("reference_query") == "self" else ""
     return (f"- Stage {number} ({how}): reference attention{query} on the `{', '.join(options.get('blocks', []))}` "
             f"blocks{lora}; {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate "
-            f"{train.get('learning_rate')} ({train.get('lr_scheduler')}), "
-            f"{precision}; "
+            f"{train.get('learning_rate')} ({train.get('lr_scheduler')}), {precision}; "
             f"{summary.get('train_seconds', 0) / 60:.0f} min of training on the machine that trained it; final "
             f"logged loss {summary.get('final_loss', float('nan')):.4f}.")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from personalize.eval import parse_interval as interval  # noqa: E402
+from personalize.eval import add_reference_arguments  # noqa: E402
 from personalize.toyworld.toybench import ROWS, run_toybench  # noqa: E402
 from personalize.toyworld.world import HELDOUT_NAMES, is_validation_name  # noqa: E402
 
@@ -40,12 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (in-context: text)")
     parser.add_argument("--ref-guidance", type=float, default=4.0, help="in-context rows: reference guidance scale")
     parser.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
-    parser.add_argument("--ref-interval", type=interval, metavar="LO,HI",
-                        help="in-context rows: reference guidance only at noise levels LO <= t/T <= HI (elsewhere "
-                             "scale 1), e.g. 0,0.6")
-    parser.add_argument("--references", type=int, default=0, metavar="K",
-                        help="in-context rows: use K of each subject's 4 references (default 0: as many as the model "
-                             "was trained with)")
+    add_reference_arguments(parser)
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")
     parser.add_argument("--caption-references", action=argparse.BooleanOptionalAction, default=True,
                         help="fine-tune rows train on each reference's own caption with the subject named "

@@ -34,6 +34,16 @@ def parse_interval(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def add_reference_arguments(p) -> None:
+    """The in-context rows' ``--ref-interval`` and ``--references`` (``personalize eval``, ``eval/toybench.py``)."""
+    p.add_argument("--ref-interval", type=parse_interval, metavar="LO,HI",
+                   help="in-context rows: reference guidance only at noise levels LO <= t/T <= HI (elsewhere "
+                        "scale 1), e.g. 0,0.6")
+    p.add_argument("--references", type=int, default=0, metavar="K",
+                   help="in-context rows: use K of each subject's references (default 0: as many as the model was "
+                        "trained with; more is allowed)")
+
+
 def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -57,12 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (in-context: text)")
     gen.add_argument("--ref-guidance", type=float, default=2.0, help="in-context rows: reference guidance scale")
     gen.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
-    gen.add_argument("--ref-interval", type=parse_interval, metavar="LO,HI",
-                     help="in-context rows: reference guidance only at noise levels LO <= t/T <= HI (elsewhere "
-                          "scale 1), e.g. 0,0.6")
-    gen.add_argument("--references", type=int, default=0, metavar="K",
-                     help="in-context rows: use K of each subject's references (default 0: as many as the model was "
-                          "trained with; more is allowed)")
+    add_reference_arguments(gen)
     gen.add_argument("--drift-images", type=int, default=0,
                      help="also N images of the bare class prompt per row, for language drift (0 = off)")
     gen.add_argument("--resolution", type=int,
