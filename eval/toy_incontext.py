@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def stage_line(number: int, config: dict, summary: dict, how: str) -> str:
     precision = PRECISION_WORDS.get(precision, precision)  # "no" -> float32
     query = " with a query of its own (`reference_query: self`)" if options.get("reference_query") == "self" else ""
     return (f"- Stage {number} ({how}): reference attention{query} on the `{', '.join(options.get('blocks', []))}` "
-            f"blocks{lora}; {summary.get('steps')} steps of batch {train.get('batch_size')}, learning rate "
+            f"blocks{lora}; {summary.get('steps')} steps of batch {train.get('batch_size')} with "
+            f"{options.get('num_references')} examples per target, learning rate "
             f"{train.get('learning_rate')} ({train.get('lr_scheduler')}), {precision}; "
             f"{summary.get('train_seconds', 0) / 60:.0f} min of training on the machine that trained it; final "
             f"logged loss {summary.get('final_loss', float('nan')):.4f}.")
@@ -61,6 +63,10 @@ def earlier_stages(options: dict) -> list[str]:
     if (start / "config.yaml").is_file() and (start / "run_summary.json").is_file():
         config = yaml.safe_load((start / "config.yaml").read_text())
         before = earlier_stages(config.get("incontext", {}))
+        origin = config.get("incontext", {}).get("init_from")
+        if origin and (Path(origin) / "run_summary.json").is_file() and \
+                (Path(origin) / "run_summary.json").read_bytes() == (start / "run_summary.json").read_bytes():
+            return before  # that run was shipped since into the folder it started from: its card lists it already
         summary = json.loads((start / "run_summary.json").read_text())
         return [*before, stage_line(len(before) + 1, config, summary, f"`personalize train`, into `{start}`")]
     return [f"- Stage 1: the model in {start} (no card, no run record)"]
@@ -74,6 +80,9 @@ def card(config: dict, summary: dict, recipe: str, earlier: list[str] = (), defa
     lines = "\n".join(stages)
     use = "this model is the default `--model`" if default else "with `--model` set to this folder"
     examples = f"their {options.get('num_references')} examples"
+    per_stage = [re.search(r"with (\d+) examples per target", line) for line in stages]
+    if not all(per_stage) or len({m.group(1) for m in per_stage}) > 1:  # stages with other K (or unknown)
+        examples = "their examples (how many per target: on each stage's line below)"
     start = Path(options["init_from"]) / CONFIG_NAME if options.get("init_from") else None
     if start is not None and start.is_file():  # a stage may raise K (incontext.init_from)
         before = json.loads(start.read_text()).get("num_references")

@@ -504,3 +504,35 @@ def test_ship_refuses_a_run_already_shipped_into_the_folder_it_started_from(tmp_
     with pytest.raises(SystemExit, match="already shipped"):
         toy_incontext.ship(run, "toy/x", target)
     assert (target / "incontext_weights.safetensors").read_bytes() == b"same weights"  # left as it was
+
+
+def test_ship_reads_a_run_shipped_since_into_its_start_folder_once(tmp_path):
+    """A stage trained from a run folder (stage N+1 from outputs/stage-N) whose run was shipped since into
+    the folder it had started from: the shipped card already lists stage N, so the record of earlier stages
+    lists it once, not twice; while stage N is not shipped there, its run folder adds it."""
+    import importlib.util
+    import json
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("toy_incontext", Path("eval/toy_incontext.py"))
+    toy_incontext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_incontext)
+    shipped, run = tmp_path / "shipped", tmp_path / "stage-2"
+    shipped.mkdir(), run.mkdir()
+    (shipped / "README.md").write_text("# card\n- Stage 1 (first): 10 steps of batch 2 with 3 examples per target.\n")
+    (shipped / "run_summary.json").write_text(json.dumps({"method": "incontext", "steps": 10}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"incontext": {"init_from": str(shipped), "num_references": 4},
+                                                     "train": {"batch_size": 2}}))
+    (run / "run_summary.json").write_text(json.dumps({"method": "incontext", "steps": 20}))
+    stages = toy_incontext.earlier_stages({"init_from": str(run)})
+    assert len(stages) == 2 and stages[1].startswith("- Stage 2") and "20 steps of batch 2 with 4 examples" in stages[1]
+    # stage 2 shipped into `shipped`: its card now ends with stage 2, and run_summary.json is stage 2's
+    (shipped / "README.md").write_text("# card\n- Stage 1 (first): 10 steps.\n- Stage 2 (second): 20 steps.\n")
+    (shipped / "run_summary.json").write_bytes((run / "run_summary.json").read_bytes())
+    assert toy_incontext.earlier_stages({"init_from": str(run)}) == ["- Stage 1 (first): 10 steps.",
+                                                                     "- Stage 2 (second): 20 steps."]
+    text = toy_incontext.card({"incontext": {"num_references": 4, "init_from": str(run)}, "train": {}},
+                              {"steps": 5}, "toy/x", toy_incontext.earlier_stages({"init_from": str(run)}))
+    assert "- Stage 3 (`personalize train toy/x`)" in text
+    assert "how many per target: on each stage's line below" in text  # stages 1-2 do not name their K
