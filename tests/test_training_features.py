@@ -30,6 +30,28 @@ def test_cache_on_and_off_give_the_same_losses(tmp_path, recipe, extra):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
+def test_text_cache_fills_in_batches_with_the_encodings_of_single_prompts(tmp_path):
+    """TextCache.fill encodes many prompts per text-encoder call (a run's 18,000 toy captions took
+    minutes one at a time); each prompt's entry equals its encoding alone, and a second fill encodes
+    only the new prompts."""
+    from personalize.data.cache import TextCache
+
+    models = run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true").models
+    prompts = ["a photo of sks dog", "a dog", "", "a dog in the snow wearing a red hat", "sks"]
+    calls = []
+    encode = models.encode_text
+    models.encode_text = lambda ids: calls.append(len(ids[0])) or encode(ids)
+    cache = TextCache(models)
+    cache.fill(prompts, batch_size=2)
+    assert calls == [2, 2, 1]
+    for prompt in prompts:
+        alone = encode(models.tokenize([prompt]))
+        for key, value in alone.items():
+            torch.testing.assert_close(cache.entries[prompt][key], value[0].float(), atol=1e-5, rtol=1e-5)
+    cache.fill([*prompts, "a new prompt"])
+    assert calls == [2, 2, 1, 1] and len(cache.entries) == 6
+
+
 def test_latent_cache_is_kept_on_disk_and_reused_only_while_valid(tmp_path, monkeypatch):
     from personalize.models import Models
 

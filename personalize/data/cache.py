@@ -89,10 +89,15 @@ class TextCache:
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
-    def fill(self, prompts) -> None:
-        for prompt in sorted(set(prompts) - set(self.entries)):
-            encoded = self.models.encode_text(self.models.tokenize([prompt]))
-            self.entries[prompt] = {k: v[0].float().cpu() for k, v in encoded.items()}
+    def fill(self, prompts, batch_size: int = 64) -> None:
+        """Encode the prompts not cached yet, ``batch_size`` at a time (prompts are padded to the
+        tokenizer's full length, so a prompt's encoding does not depend on the others in its batch)."""
+        todo = sorted(set(prompts) - set(self.entries))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start: start + batch_size]
+            encoded = self.models.encode_text(self.models.tokenize(chunk))
+            for i, prompt in enumerate(chunk):
+                self.entries[prompt] = {k: v[i].float().cpu().clone() for k, v in encoded.items()}
 
     def __call__(self, prompts: list[str], device) -> dict[str, torch.Tensor]:
         self.fill(prompts)
