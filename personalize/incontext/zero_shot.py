@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--text-scale", type=float, default=6.0, help="text guidance scale (ToyBench: 6)")
-    p.add_argument("--ref-scale", type=float, default=4.0, help="reference guidance scale (ToyBench: 4)")
+    p.add_argument("--ref-scale", type=float, default=4.0,
+                   help="reference guidance scale (ToyBench: 4 for the default model, 6 for toy-incontext-self)")
     p.add_argument("--ref-interval", type=parse_interval, metavar="LO,HI",
                    help="reference guidance only at noise levels LO <= t/T <= HI (elsewhere scale 1), e.g. 0,0.6")
     p.add_argument("--allow-more-references", action="store_true",
