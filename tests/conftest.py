@@ -14,6 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 QUIET = ["train.progress_bar=false", "train.report_to=none"]
 
 
+def load_script(relative: str):
+    """Import a script of the repository (``eval/...``, ``data_tools/...``) as a module, by its path."""
+    import importlib.util
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_config(recipe: str, tmp_path: Path, *overrides: str):
     from personalize.cli import resolve_recipe
     from personalize.config import load_config

@@ -4,7 +4,6 @@ mean color) and, end to end, the toy world's identity judge on renders of held-o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,7 +18,8 @@ from personalize.data.cluster_builder import (
 from personalize.data.clusters import read_manifest
 from personalize.data.images import DataError
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_script
+
 RED, GREEN, BLUE = (220, 20, 20), (20, 220, 20), (20, 20, 220)
 
 
@@ -49,13 +49,6 @@ def save(path: Path, pixels: np.ndarray) -> None:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
     return path
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("build_clusters", ROOT / "data_tools" / "build_clusters.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def clusters_of(manifest: Path) -> dict[str, list[str]]:
@@ -278,7 +271,7 @@ def test_script_keeps_renders_of_one_toy_subject_together(tmp_path, capsys):
         save(root / "mixed" / f"{i}.png", render(sample_spec(rng, subject)))
     manifest = tmp_path / "clusters.jsonl"
 
-    code = load_script().main([str(root), str(manifest), "--embedder", "toy", "--default-caption", "a toy",
+    code = load_script("data_tools/build_clusters.py").main([str(root), str(manifest), "--embedder", "toy", "--default-caption", "a toy",
                                "--min-similarity", "0.3", "--no-progress"])
 
     assert code == 0
@@ -291,7 +284,7 @@ def test_script_keeps_renders_of_one_toy_subject_together(tmp_path, capsys):
 
 
 def test_script_reports_user_errors(tmp_path, capsys):
-    script = load_script()
+    script = load_script("data_tools/build_clusters.py")
     assert script.main([str(tmp_path / "nowhere"), str(tmp_path / "m.jsonl"), "--embedder", "toy"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert script.main([str(tmp_path), str(tmp_path / "m.jsonl"), "--clip-weights", str(tmp_path / "no.pt")]) == 2

@@ -16,7 +16,7 @@ from personalize.incontext import (
 from personalize.models.family import FAMILIES
 from personalize.models.tiny import build_tiny
 
-from conftest import make_config
+from conftest import load_script, make_config
 
 
 def tiny(name="tiny-sd"):
@@ -432,12 +432,9 @@ def test_unknown_reference_query_is_refused_naming_the_key(tmp_path):
 def test_ship_card_names_a_stage_that_raised_k(tmp_path):
     """eval/toy_incontext.py's card says when the last stage trained with more examples per target than
     the model it started from (incontext.init_from may raise K)."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("toy_incontext", Path("eval/toy_incontext.py"))
-    toy_incontext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy_incontext)
+    toy_incontext = load_script("eval/toy_incontext.py")
     start = tmp_path / "start"
     start.mkdir()
     (start / "incontext_config.json").write_text(json.dumps({"num_references": 3}))
@@ -486,14 +483,11 @@ def test_reference_guidance_interval(train_run, tmp_path):
 def test_ship_refuses_a_run_already_shipped_into_the_folder_it_started_from(tmp_path):
     """Shipping a stage into the folder it was trained from, a second time, would read its own card as the
     earlier stages and list itself twice: eval/toy_incontext.py refuses, saying so."""
-    import importlib.util
     import json
 
     import yaml
 
-    spec = importlib.util.spec_from_file_location("toy_incontext", Path("eval/toy_incontext.py"))
-    toy_incontext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy_incontext)
+    toy_incontext = load_script("eval/toy_incontext.py")
     target, run = tmp_path / "shipped", tmp_path / "run"
     for folder in (target, run):
         folder.mkdir()
@@ -510,14 +504,11 @@ def test_ship_reads_a_run_shipped_since_into_its_start_folder_once(tmp_path):
     """A stage trained from a run folder (stage N+1 from outputs/stage-N) whose run was shipped since into
     the folder it had started from: the shipped card already lists stage N, so the record of earlier stages
     lists it once, not twice; while stage N is not shipped there, its run folder adds it."""
-    import importlib.util
     import json
 
     import yaml
 
-    spec = importlib.util.spec_from_file_location("toy_incontext", Path("eval/toy_incontext.py"))
-    toy_incontext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy_incontext)
+    toy_incontext = load_script("eval/toy_incontext.py")
     shipped, run = tmp_path / "shipped", tmp_path / "stage-2"
     shipped.mkdir(), run.mkdir()
     (shipped / "README.md").write_text("# card\n- Stage 1 (first): 10 steps of batch 2 with 3 examples per target.\n")

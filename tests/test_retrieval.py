@@ -6,7 +6,6 @@ bad collections."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,8 @@ from personalize.retrieval import (  # noqa: E402
     RetrievalIndex, ToyEmbedder, build_index, query, toy_names, toy_named_collection)
 from personalize.toyworld.world import HELDOUT_NAMES, render, sample_spec, training_subject  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_script  # noqa: E402
+
 FILES = (TEXT_INDEX, IMAGE_INDEX, RECORDS, META)
 
 
@@ -227,15 +227,8 @@ def test_bad_collection_names_the_file(tmp_path):
         build_index(tmp_path / "nowhere", tmp_path / "index3", FakeEmbedder())
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("build_index", ROOT / "data_tools" / "build_index.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_build_index_script(toy, tmp_path, capsys):
-    script = load_script()
+    script = load_script("data_tools/build_index.py")
     subject = toy["subjects"][2]
     code = script.main([str(toy["root"] / "collection"), str(tmp_path / "index"), "--embedder", "toy",
                         "--kind", "hnsw", "--query", subject.query, "--no-progress"])
