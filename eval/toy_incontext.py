@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Ship a trained toy in-context model with the repository, so `personalize zero-shot` and
 `personalize demo` work on a fresh machine: its reference-attention weights and config are copied to
-personalize/toyworld/assets/toy-incontext/ with a model card (README.md) naming the training run.
+personalize/toyworld/assets/toy-incontext-self/ (the default model; --to ships beside it) with a model card
+(README.md) naming the training run, and the reference guidance scale chosen for it on validation subjects
+(--ref-scale; `python eval/toybench.py --subjects val-0,...,val-5 --rows incontext:RUN --ref-guidance S ...`)
+written into its config as ``ref_scale``, the scale generation uses unless told otherwise.
 
-    personalize train toy/incontext                              # ~1 h on 2 CPU cores
-    python eval/toy_incontext.py --ship outputs/toy-incontext    # then ToyBench: python eval/toybench.py --rows ...,incontext
+    personalize train toy/incontext-self                         # ~1 h on 2 CPU cores
+    python eval/toy_incontext.py --ship outputs/toy-incontext-self --recipe toy/incontext-self --ref-scale 6
+    python eval/toybench.py --rows ...,incontext                 # then ToyBench
 
 A model trained in stages (``incontext.init_from``) gets every stage on its card, read from the card or
 the run folder of the model it started from.
@@ -22,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from personalize.incontext.model import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from personalize.incontext.zero_shot import DEFAULT_MODEL  # noqa: E402
 from personalize.toyworld.card import PRECISION_WORDS  # noqa: E402
 from personalize.toyworld.model import ASSETS  # noqa: E402
 
-TARGET = ASSETS / "toy-incontext"
+TARGET = ASSETS / DEFAULT_MODEL
 
 
 def stage_line(number: int, config: dict, summary: dict, how: str) -> str:
@@ -72,7 +77,8 @@ def earlier_stages(options: dict) -> list[str]:
     return [f"- Stage 1: the model in {start} (no card, no run record)"]
 
 
-def card(config: dict, summary: dict, recipe: str, earlier: list[str] = (), default: bool = True) -> str:
+def card(config: dict, summary: dict, recipe: str, earlier: list[str] = (), default: bool = True,
+         ref_scale: float | None = None) -> str:
     options = config.get("incontext", {})
     lora = (f"LoRA of rank {options['lora_rank']} on its U-Net" if options.get("lora_rank")
             else "the base frozen")
@@ -89,6 +95,9 @@ def card(config: dict, summary: dict, recipe: str, earlier: list[str] = (), defa
         if before != options.get("num_references"):
             examples = (f"their examples ({before} per target in the stages before the last, "
                         f"{options.get('num_references')} in the last)")
+    scale = (f"Reference guidance scale {ref_scale:g}, chosen on validation subjects (`ref_scale` in {CONFIG_NAME}: "
+             "the scale generation uses unless `--ref-scale` is given)." if ref_scale is not None else
+             "No reference guidance scale was chosen for it: generation uses `--ref-scale` or 2.")
     return f"""# Toy in-context model
 
 Reference attention (SuTI / Re-Imagen style, `personalize/incontext/`) trained on the shipped toy base
@@ -99,6 +108,7 @@ model (`model.base: toy`), {lora}, with this project's trainer, in the stages li
   differ in context from {examples};
   the 12 held-out ToyBench subjects never appear.
 {lines}
+- {scale}
 - ToyBench (subject / prompt fidelity against LoRA and DreamBooth): `docs/toybench.md`.
 
 Use: `personalize zero-shot --refs a.png b.png c.png --ref-captions ... --prompt "a star in the snow"`
@@ -106,7 +116,10 @@ Use: `personalize zero-shot --refs a.png b.png c.png --ref-captions ... --prompt
 """
 
 
-def ship(run_dir: Path, recipe: str, target: Path = TARGET) -> Path:
+def ship(run_dir: Path, recipe: str, target: Path = TARGET, ref_scale: float | None = None) -> Path:
+    """Copy ``run_dir``'s in-context model into ``target`` with its card; ``ref_scale``: the reference
+    guidance scale chosen for it on validation subjects, written into the shipped config (None: the one
+    ``target`` already names, if any, is kept)."""
     for name in (CONFIG_NAME, WEIGHTS_NAME, "run_summary.json", "config.yaml"):
         if not (run_dir / name).is_file():
             raise SystemExit(f"{run_dir}: no {name}; is this the output_dir of a finished `personalize train` run?")
@@ -124,10 +137,14 @@ def ship(run_dir: Path, recipe: str, target: Path = TARGET) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME, "run_summary.json"):
+    for name in (WEIGHTS_NAME, "run_summary.json"):
         shutil.copyfile(run_dir / name, tmp / name)
+    if ref_scale is None and (target / CONFIG_NAME).is_file():
+        ref_scale = json.loads((target / CONFIG_NAME).read_text()).get("ref_scale")
+    spec = json.loads((run_dir / CONFIG_NAME).read_text())
+    (tmp / CONFIG_NAME).write_text(json.dumps({**spec, "ref_scale": ref_scale}, indent=2))
     (tmp / "README.md").write_text(card(config, summary, recipe, earlier_stages(config.get("incontext", {})),
-                                        default=target.resolve() == TARGET.resolve()))
+                                        default=target.resolve() == TARGET.resolve(), ref_scale=ref_scale))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -136,12 +153,15 @@ def ship(run_dir: Path, recipe: str, target: Path = TARGET) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ship", type=Path, required=True, help="output_dir of a finished toy/incontext run")
-    parser.add_argument("--recipe", default="toy/incontext", help="the recipe that trained it (for the card)")
+    parser.add_argument("--recipe", default="toy/incontext-self", help="the recipe that trained it (for the card)")
     parser.add_argument("--to", type=Path, default=TARGET,
                         help=f"folder to ship into (default {TARGET}: the default model of personalize zero-shot; "
                              "another folder under assets/ ships a second model beside it)")
+    parser.add_argument("--ref-scale", type=float, default=None,
+                        help="reference guidance scale chosen on validation subjects, written into the shipped "
+                             "config (default: keep the one the target folder names, if any)")
     args = parser.parse_args(argv)
-    target = ship(args.ship, args.recipe, args.to)
+    target = ship(args.ship, args.recipe, args.to, args.ref_scale)
     from personalize.incontext.pipeline import InContextPipeline
 
     InContextPipeline.from_pretrained(str(target), base="toy")  # the shipped copy loads onto the toy model

@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("-n", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (in-context: text)")
-    parser.add_argument("--ref-guidance", type=float, default=4.0, help="in-context rows: reference guidance scale")
+    parser.add_argument("--ref-guidance", type=float, default=None,
+                        help="in-context rows: reference guidance scale (default: each model's own, the ref_scale "
+                             "it was shipped with: 6 for the default toy-incontext-self, 4 for toy-incontext)")
     parser.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
     add_reference_arguments(parser)
     parser.add_argument("--drift-images", type=int, default=8, help="class-prompt images per row for language drift")

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed SEED+j")
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (DDIM)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (in-context: text)")
-    gen.add_argument("--ref-guidance", type=float, default=2.0, help="in-context rows: reference guidance scale")
+    gen.add_argument("--ref-guidance", type=float, default=None,
+                     help="in-context rows: reference guidance scale (default: each model's own, its config's ref_scale)")
     gen.add_argument("--bf16", action="store_true", help="in-context rows: sample under bfloat16 autocast")
     add_reference_arguments(gen)
     gen.add_argument("--drift-images", type=int, default=0,

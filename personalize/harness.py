@@ -37,7 +37,8 @@ class EvalSettings:
     seed: int = 0
     steps: int = 50
     guidance: float = 7.5
-    ref_guidance: float = 2.0  # in-context rows: the reference guidance scale (guidance is the text scale)
+    ref_guidance: Optional[float] = None  # in-context rows: the reference guidance scale (guidance is the text
+    #                                       scale); None: each model's own (its config's ref_scale)
     bf16: bool = False  # in-context rows: sample under bfloat16 autocast
     ref_interval: Optional[tuple[float, float]] = None  # in-context rows: reference guidance only at t/T in it
     references: int = 0  # in-context rows: use this many of a subject's references (0: as many as the model

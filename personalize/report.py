@@ -168,7 +168,11 @@ def _notes(plan: dict, subjects: dict) -> str:
         k = s.get("references") or "as many as the model was trained with"
         interval = s.get("ref_interval")
         where = f" at noise levels {interval[0]}..{interval[1]} of the schedule (1 elsewhere)" if interval else ""
-        text += f" In-context rows: reference guidance {s.get('ref_guidance')}{where}, references per subject: {k}."
+        scale = s.get("ref_guidance")
+        if scale is None:  # each model's own (the ref_scale it was shipped with)
+            scale = "each model's own (" + ", ".join(f"{r['label']}: {r.get('ref_scale')}" for r in plan["rows"]
+                                                     if r.get("method") == "incontext") + ")"
+        text += f" In-context rows: reference guidance {scale}{where}, references per subject: {k}."
     return text + f" Rows: {rows}."
 
 

@@ -326,7 +326,8 @@ class ToyRendersRow(ZeroShotRow):
 class InContextRow(ZeroShotRow):
     """The in-context model (``incontext:FOLDER``, the output of ``personalize train`` with method
     incontext): generates from the subject's references directly, no training. Guidance: the harness's
-    ``guidance`` on text, ``ref_guidance`` on the references; ``bf16``: under bfloat16 autocast."""
+    ``guidance`` on text, ``ref_guidance`` on the references (None: the model's own ``ref_scale``); ``bf16``:
+    under bfloat16 autocast."""
 
     name = "incontext"
 
@@ -336,7 +337,11 @@ class InContextRow(ZeroShotRow):
             raise ValueError("the incontext row needs its model folder: incontext:FOLDER")
 
     def describe(self) -> dict:
-        return {**super().describe(), "model": self.arg}
+        from personalize.incontext.model import read_spec
+        from personalize.incontext.pipeline import DEFAULT_REF_SCALE
+
+        own = read_spec(self.arg).ref_scale  # the scale it was shipped with, used when settings give none
+        return {**super().describe(), "model": self.arg, "ref_scale": own if own is not None else DEFAULT_REF_SCALE}
 
     def generate(self, subject, work_dir, settings):
         from personalize.incontext.model import read_spec

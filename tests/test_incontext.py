@@ -380,12 +380,17 @@ def test_incontext_row_in_the_harness(train_run, tmp_path, monkeypatch):
     assert result["rows"][0]["model"] == str(tmp_path / "run")
     assert encoded == [2]  # as many references as the model was trained with
     assert "references per subject: as many as the model was trained with" in files["markdown"].read_text()
+    # no ref_guidance given: the model's own scale (this run names none: the pipeline's default), in the report
+    assert result["rows"][0]["ref_scale"] == 2.0
+    assert "reference guidance each model's own (incontext: 2.0)" in files["markdown"].read_text()
 
     # all three of the subject's references, more than the model was trained with, when asked
-    settings = EvalSettings(out=str(tmp_path / "eval3"), images_per_prompt=2, steps=2, guidance=3.0, references=3)
+    settings = EvalSettings(out=str(tmp_path / "eval3"), images_per_prompt=2, steps=2, guidance=3.0, references=3,
+                            ref_guidance=2.0)
     files = run_benchmark([subject], [row], load_metrics("tiny"), settings, state=LaunchState(), log=lambda m: None)
     assert encoded == [2, 3]
     assert "references per subject: 3" in files["markdown"].read_text()
+    assert "reference guidance 2.0," in files["markdown"].read_text()
     with pytest.raises(ValueError, match="incontext:FOLDER"):
         build_row("incontext")
 
@@ -403,10 +408,12 @@ def test_zero_shot_command_writes_images_and_reports_bad_references(train_run, t
     assert "missing.png" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("folder, query, k", [("toy-incontext", "shared", 3), ("toy-incontext-self", "self", 4)])
-def test_shipped_toy_incontext_models_load_and_sample(folder, query, k):
+@pytest.mark.parametrize("folder, query, k, scale", [("toy-incontext", "shared", 3, 4.0),
+                                                     ("toy-incontext-self", "self", 4, 6.0)])
+def test_shipped_toy_incontext_models_load_and_sample(folder, query, k, scale):
     """The in-context models shipped in the package load onto the shipped toy model and generate from
-    rendered references (personalize zero-shot's default and the own-query variant beside it)."""
+    rendered references (personalize zero-shot's default, the own-query model, and the shared-query one
+    beside it), each at the reference scale it was shipped with unless told otherwise."""
     from personalize.incontext.pipeline import InContextPipeline
     from personalize.toyworld.model import ASSETS
     from personalize.toyworld.world import heldout_subjects, render, sample_spec
@@ -420,6 +427,20 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query, k):
     refs = [Image.fromarray(render(sample_spec(rng, subject))) for _ in range(k)]
     images = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2)
     assert len(images) == 1 and images[0].size == (64, 64)
+    assert pipe.default_ref_scale == scale
+    same = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2, ref_scale=scale)
+    other = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2, ref_scale=1.0)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(same[0]))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
+
+
+def test_zero_shot_default_model_is_the_own_query_one():
+    from personalize.incontext.model import read_spec
+    from personalize.incontext.zero_shot import default_model
+    from personalize.toyworld.model import ASSETS
+
+    assert default_model() == ASSETS / "toy-incontext-self"
+    assert read_spec(default_model()).ref_scale == 6.0
 
 
 def test_unknown_reference_query_is_refused_naming_the_key(tmp_path):
@@ -527,3 +548,29 @@ def test_ship_reads_a_run_shipped_since_into_its_start_folder_once(tmp_path):
                               {"steps": 5}, "toy/x", toy_incontext.earlier_stages({"init_from": str(run)}))
     assert "- Stage 3 (`personalize train toy/x`)" in text
     assert "how many per target: on each stage's line below" in text  # stages 1-2 do not name their K
+
+
+def test_ship_writes_the_chosen_reference_scale_into_the_config_and_card_and_keeps_it(tmp_path):
+    """--ref-scale is written into the shipped config (the default at generation time) and named on the card;
+    shipping a later run without it keeps the scale the folder had."""
+    import json
+
+    import yaml
+
+    from personalize.incontext.model import read_spec
+
+    toy_incontext = load_script("eval/toy_incontext.py")
+    target = tmp_path / "shipped"
+    for name, weights in (("run-1", b"one"), ("run-2", b"two")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "incontext_weights.safetensors").write_bytes(weights)
+        (run / "incontext_config.json").write_text(json.dumps({"num_references": 4}))
+        (run / "run_summary.json").write_text(json.dumps({"method": "incontext", "steps": 1}))
+        (run / "config.yaml").write_text(yaml.safe_dump({"incontext": {"num_references": 4}, "train": {}}))
+    toy_incontext.ship(tmp_path / "run-1", "toy/x", target, ref_scale=5.5)
+    assert read_spec(target).ref_scale == 5.5 and "Reference guidance scale 5.5" in (target / "README.md").read_text()
+    toy_incontext.ship(tmp_path / "run-2", "toy/x", target)
+    assert (target / "incontext_weights.safetensors").read_bytes() == b"two" and read_spec(target).ref_scale == 5.5
+    toy_incontext.ship(tmp_path / "run-1", "toy/x", target, ref_scale=3.0)
+    assert read_spec(target).ref_scale == 3.0

@@ -41,6 +41,8 @@ class InContextSpec:
     unet_signature: dict = field(default_factory=dict)
     lora: Optional[dict] = None  # peft LoraConfig fields when the U-Net also carries LoRA
     base: Optional[str] = None  # the base model it was trained on (personalize zero-shot's default)
+    ref_scale: Optional[float] = None  # the reference guidance scale chosen for it on validation subjects
+    #                                    (written when it is shipped; the default at generation time)
 
     @staticmethod
     def signature(unet) -> dict:

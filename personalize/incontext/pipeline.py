@@ -24,6 +24,9 @@ from personalize.incontext.model import InContextSpec, encode_references, load_i
 from personalize.precision import warn_if_slow_bf16
 
 
+DEFAULT_REF_SCALE = 2.0  # for a model whose config names no ref_scale of its own
+
+
 class ReferenceImageError(DataError):
     """Reference images or captions that cannot be used; the message says which and why."""
 
@@ -82,6 +85,12 @@ class InContextPipeline:
         return self
 
     @property
+    def default_ref_scale(self) -> float:
+        """The reference scale chosen for this model when it was shipped (its config's ``ref_scale``), else
+        :data:`DEFAULT_REF_SCALE`."""
+        return self.spec.ref_scale if self.spec.ref_scale is not None else DEFAULT_REF_SCALE
+
+    @property
     def device(self) -> torch.device:
         return next(self.models.unet.parameters()).device
 
@@ -104,7 +113,7 @@ class InContextPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str, references: Sequence, reference_captions: Optional[Sequence[str]] = None,
-                 num_images: int = 1, text_scale: float = 4.0, ref_scale: float = 2.0, steps: int = 25,
+                 num_images: int = 1, text_scale: float = 4.0, ref_scale: Optional[float] = None, steps: int = 25,
                  seed: int = 0, allow_more_references: bool = False, bf16: bool = False,
                  ref_interval: Optional[tuple[float, float]] = None) -> list[Image.Image]:
         """``num_images`` images of the references' subject for ``prompt``; image j uses seed ``seed + j``.
@@ -113,8 +122,10 @@ class InContextPipeline:
         slower on CPUs without them (:mod:`personalize.precision`). ``ref_interval=(lo, hi)``: reference
         guidance only at noise levels ``lo <= t / T <= hi`` (T: the training timesteps), as guidance in a
         limited interval (Kynkaanniemi et al., 2024); elsewhere the reference scale is 1 (the references are
-        used, not amplified)."""
+        used, not amplified). ``ref_scale=None``: the model's own (:attr:`default_ref_scale`)."""
         device = self.device
+        if ref_scale is None:
+            ref_scale = self.default_ref_scale
         if bf16:
             warn_if_slow_bf16(device.type, "in-context sampling with bf16")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -110,14 +110,14 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
 
 def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 6.0, drift_images: int = 8,
                       title: str = "ToyBench", keep_weights: bool = False, caption_references: bool = True,
-                      ref_guidance: float = 4.0, bf16: bool = False, references: int = 0,
+                      ref_guidance: Optional[float] = None, bf16: bool = False, references: int = 0,
                       ref_interval=None):
     """ToyBench's settings: 25 DDIM steps at guidance 6, fine-tuning rows trained on captioned references
     ("a sks ring on the grass"; without captions DreamBooth learns the references' backgrounds as part of
     the subject). DreamBooth on zorbo: uncaptioned, guidance 4: subject / prompt fidelity 0.443 / 0.700;
-    captioned, guidance 4: 0.502 / 0.725; captioned, guidance 6: 0.475 / 0.800. In-context rows: reference
-    guidance 4 (toy in-context model at step 1,600 on zorbo: reference scale 2: 0.281 / 0.925, 4: 0.442 / 0.875,
-    7: 0.486 / 0.675)."""
+    captioned, guidance 4: 0.502 / 0.725; captioned, guidance 6: 0.475 / 0.800. In-context rows: each
+    model's own reference guidance (the ``ref_scale`` it was shipped with, chosen on validation subjects:
+    6 for toy-incontext-self, 4 for toy-incontext) unless ``ref_guidance`` is given."""
     from personalize.harness import EvalSettings
 
     return EvalSettings(out=str(out), images_per_prompt=n, steps=steps, guidance=guidance, batch_size=40,
