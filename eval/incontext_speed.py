@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="in-context model folder, or 'untrained' (default: shipped)")
     parser.add_argument("--subject", default="zorbo")
+    parser.add_argument("--references", type=int, default=4,
+                        help="reference renders for every method (ToyBench: 4; the default in-context model's K)")
     parser.add_argument("--methods", default="dreambooth,lora")
     parser.add_argument("-n", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
@@ -46,8 +48,8 @@ def main(argv=None) -> int:
     subject = {s.name: s for s in heldout_subjects()}[args.subject]
     work = Path(tempfile.mkdtemp(prefix="incontext-speed-"))
     refs_dir = work / "references"
-    specs = reference_specs(subject, 3)
-    references = write_references(subject, refs_dir, 3)
+    specs = reference_specs(subject, args.references)
+    references = write_references(subject, refs_dir, args.references)
     captions = [caption(s) for s in specs]
     prompt = f"a {subject.cls} in the snow"
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [BEGIN, "## In-context vs fine-tuning: reference photos to 4 images", "",
              f"Measured by `{' '.join(['python eval/incontext_speed.py', *(argv if argv is not None else sys.argv[1:])])}`"
-             f" on {device} (CPU), toy model, subject {args.subject} (3 reference renders), {args.n} images, "
+             f" on {device} (CPU), toy model, subject {args.subject} ({args.references} reference renders), {args.n} images, "
              f"{args.steps} DDIM steps. In-context model: {args.model or 'shipped'} (loaded in {load_s:.1f} s, "
              "not counted). Fine-tuning: the ToyBench recipe's training, then loading the result into a stock "
              "diffusers pipeline and sampling (fine-tuning trains at the recipes' precision, `auto`: bf16 autocast on "
