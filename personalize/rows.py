@@ -338,10 +338,9 @@ class InContextRow(ZeroShotRow):
 
     def describe(self) -> dict:
         from personalize.incontext.model import read_spec
-        from personalize.incontext.pipeline import DEFAULT_REF_SCALE
 
-        own = read_spec(self.arg).ref_scale  # the scale it was shipped with, used when settings give none
-        return {**super().describe(), "model": self.arg, "ref_scale": own if own is not None else DEFAULT_REF_SCALE}
+        # the scale the model was shipped with: used when the settings give none
+        return {**super().describe(), "model": self.arg, "ref_scale": read_spec(self.arg).default_ref_scale}
 
     def generate(self, subject, work_dir, settings):
         from personalize.incontext.model import read_spec

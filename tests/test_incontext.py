@@ -427,7 +427,7 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query, k, scale):
     refs = [Image.fromarray(render(sample_spec(rng, subject))) for _ in range(k)]
     images = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2)
     assert len(images) == 1 and images[0].size == (64, 64)
-    assert pipe.default_ref_scale == scale
+    assert pipe.spec.default_ref_scale == scale
     same = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2, ref_scale=scale)
     other = pipe(f"a {subject.cls} in the snow", refs, [f"a {subject.cls}"] * k, steps=2, ref_scale=1.0)
     assert np.array_equal(np.asarray(images[0]), np.asarray(same[0]))

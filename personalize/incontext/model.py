@@ -24,6 +24,7 @@ from personalize.incontext.attention import (
 
 WEIGHTS_NAME = "incontext_weights.safetensors"
 CONFIG_NAME = "incontext_config.json"
+DEFAULT_REF_SCALE = 2.0  # reference guidance scale for a model whose config names no ref_scale of its own
 
 
 class InContextLoadError(ModelLoadError):
@@ -43,6 +44,11 @@ class InContextSpec:
     base: Optional[str] = None  # the base model it was trained on (personalize zero-shot's default)
     ref_scale: Optional[float] = None  # the reference guidance scale chosen for it on validation subjects
     #                                    (written when it is shipped; the default at generation time)
+
+    @property
+    def default_ref_scale(self) -> float:
+        """The reference scale generation uses when none is given: ``ref_scale``, else :data:`DEFAULT_REF_SCALE`."""
+        return self.ref_scale if self.ref_scale is not None else DEFAULT_REF_SCALE
 
     @staticmethod
     def signature(unet) -> dict:

@@ -24,9 +24,6 @@ from personalize.incontext.model import InContextSpec, encode_references, load_i
 from personalize.precision import warn_if_slow_bf16
 
 
-DEFAULT_REF_SCALE = 2.0  # for a model whose config names no ref_scale of its own
-
-
 class ReferenceImageError(DataError):
     """Reference images or captions that cannot be used; the message says which and why."""
 
@@ -85,12 +82,6 @@ class InContextPipeline:
         return self
 
     @property
-    def default_ref_scale(self) -> float:
-        """The reference scale chosen for this model when it was shipped (its config's ``ref_scale``), else
-        :data:`DEFAULT_REF_SCALE`."""
-        return self.spec.ref_scale if self.spec.ref_scale is not None else DEFAULT_REF_SCALE
-
-    @property
     def device(self) -> torch.device:
         return next(self.models.unet.parameters()).device
 
@@ -122,10 +113,10 @@ class InContextPipeline:
         slower on CPUs without them (:mod:`personalize.precision`). ``ref_interval=(lo, hi)``: reference
         guidance only at noise levels ``lo <= t / T <= hi`` (T: the training timesteps), as guidance in a
         limited interval (Kynkaanniemi et al., 2024); elsewhere the reference scale is 1 (the references are
-        used, not amplified). ``ref_scale=None``: the model's own (:attr:`default_ref_scale`)."""
+        used, not amplified). ``ref_scale=None``: the model's own (``spec.default_ref_scale``)."""
         device = self.device
         if ref_scale is None:
-            ref_scale = self.default_ref_scale
+            ref_scale = self.spec.default_ref_scale
         if bf16:
             warn_if_slow_bf16(device.type, "in-context sampling with bf16")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
