@@ -61,6 +61,51 @@ def test_dreambooth_with_text_encoder(tmp_path):
     assert not any(k.startswith("vae.") for k in changed)
 
 
+def test_dreambooth_identifier_token_trains_its_embedding_row_beside_the_unet(tmp_path):
+    """Pivotal tuning: the U-Net and the identifier's embedding row train; every other embedding row and
+    every text-encoder layer stays bitwise as it was, so prompts without the identifier encode as before."""
+    trainer, before, after, changed = train_and_diff("tiny/dreambooth", tmp_path, "prior.enabled=false",
+                                                     "dreambooth.identifier_token=sks",
+                                                     "dreambooth.identifier_learning_rate=1e-2")
+    key = "text_encoder0.embeddings.token_embedding.weight"
+    assert changed == {k for k in before if k.startswith("unet.")} | {key}
+    (sks,) = trainer.models.tokenizer.encode("sks", add_special_tokens=False)
+    others = torch.ones(before[key].shape[0], dtype=torch.bool)
+    others[sks] = False
+    assert torch.equal(before[key][others], after[key][others])
+    assert not torch.equal(before[key][sks], after[key][sks])
+    lrs = sorted(group["lr"] for group in trainer.optimizer.param_groups)
+    assert lrs == [1e-4, 1e-2]  # the recipe's U-Net LR and the identifier's own
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run")  # stock diffusers carries the learned row
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight.detach(), after[key])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["dreambooth.identifier_token=zorbo"], "data.instance_prompt"),
+    (["dreambooth.identifier_token=sks", "dreambooth.train_text_encoder=true"], "dreambooth.identifier_token"),
+    (["dreambooth.identifier_token=sks", "prior.class_prompt=a photo of sks toy"], "prior.class_prompt"),
+    (["dreambooth.identifier_learning_rate=1e-3"], "dreambooth.identifier_learning_rate"),
+])
+def test_dreambooth_identifier_token_bad_settings_name_the_key(tmp_path, overrides, key):
+    from personalize.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_config("tiny/dreambooth", tmp_path, *overrides)
+
+
+def test_dreambooth_identifier_token_of_several_tokens_is_refused(tmp_path):
+    from personalize.config import ConfigError
+
+    trainer = Trainer(make_config("tiny/dreambooth", tmp_path, *STEPS, "prior.enabled=false",
+                                  "data.instance_prompt=a photo of zqxjkvw toy",
+                                  "dreambooth.identifier_token=zqxjkvw"))
+    with pytest.raises(ConfigError, match="dreambooth.identifier_token: 'zqxjkvw' is [2-9] tokens"):
+        trainer.setup()
+
+
 def test_textual_inversion_changes_only_new_rows(tmp_path):
     trainer, before, after, changed = train_and_diff("tiny/textual-inversion", tmp_path)
     key = "text_encoder0.embeddings.token_embedding.weight"

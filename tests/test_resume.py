@@ -29,6 +29,7 @@ from personalize.trainer import Trainer, TrainingStopped
 
 LORA = "recipes/tiny/lora.yaml"
 TI = "recipes/tiny/textual-inversion.yaml"
+DREAMBOOTH = "recipes/tiny/dreambooth.yaml"
 BASE = ["validation.prompts=[]", "train.lr_scheduler=constant"]
 LONG = 40  # steps of the subprocess runs (stopped early, then resumed in-process)
 # One intra-op thread everywhere: the in-process reference and the subprocess runs then reduce in the
@@ -126,7 +127,10 @@ def reference(tmp_path_factory):
     (LORA, [], signal.SIGTERM),
     # a schedule that moves: the resumed lr is right only if the scheduler state was restored
     (TI, ["train.lr_scheduler=cosine", "train.lr_warmup_steps=2"], signal.SIGINT),
-], ids=["lora-sigterm", "textual_inversion-sigint"])
+    # pivotal tuning: the U-Net, the identifier's embedding row and both parameter groups' Adam state
+    (DREAMBOOTH, ["prior.enabled=false", "dreambooth.identifier_token=sks", "dreambooth.export_single_file=true",
+                  "dreambooth.identifier_learning_rate=1e-2"], signal.SIGINT),
+], ids=["lora-sigterm", "textual_inversion-sigint", "dreambooth-identifier-sigint"])
 def test_stop_and_resume_in_process_is_bitwise_exact(tmp_path, reference, recipe, extra, signum):
     want, want_history = reference(recipe, 8, *extra)
     overrides = [*BASE, "train.max_steps=8", "train.checkpoint_every=0", *extra]

@@ -1,5 +1,11 @@
 """DreamBooth (Ruiz et al. 2022): fine-tune the whole U-Net (and optionally the text encoder) on a few
-photos of a subject bound to a rare token, with a class-prior preservation loss against drift."""
+photos of a subject bound to a rare token, with a class-prior preservation loss against drift.
+
+``identifier_token`` adds pivotal tuning (as diffusers' advanced DreamBooth script's
+``--train_text_encoder_ti`` and kohya's embedding + network training do): the input embedding of the rare
+identifier word trains with the U-Net, so the word itself comes to carry the subject, while every other
+row and layer of the text encoder stays frozen and class prompts ("a dog") are encoded exactly as before.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from personalize.config import option
+from personalize.config import ConfigError, option
 from personalize.methods import register_method
 from personalize.methods.base import Method
+from personalize.methods.embeddings import TrainableEmbeddingRows, input_embedding
 
 
 @dataclass
 class DreamBoothConfig:
     train_text_encoder: bool = option(False, "also fine-tune the text encoder(s)")
     text_encoder_learning_rate: Optional[float] = option(None, "text encoder LR (default: train.learning_rate)")
+    identifier_token: Optional[str] = option(None, "pivotal tuning: the rare word of data.instance_prompt that names "
+                                                   "the subject (e.g. sks); its input embedding trains with the U-Net "
+                                                   "while the rest of the text encoder stays frozen. null: off")
+    identifier_learning_rate: Optional[float] = option(None, "LR of the identifier's embedding "
+                                                             "(default: train.learning_rate)")
     export_single_file: bool = option(False, "also write model.safetensors in the original SD layout (A1111/ComfyUI)")
 
 
@@ -25,28 +37,71 @@ class DreamBooth(Method):
     config_cls = DreamBoothConfig
     supports_prior_preservation = True
 
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        options = config.method_config
+        token = options.identifier_token
+        if token is None:
+            if options.identifier_learning_rate is not None:
+                raise ConfigError("dreambooth.identifier_learning_rate: set only with dreambooth.identifier_token")
+            return
+        if not token.strip() or " " in token:
+            raise ConfigError(f"dreambooth.identifier_token: must be one word without spaces, got {token!r}")
+        if options.train_text_encoder:
+            raise ConfigError("dreambooth.identifier_token: the whole text encoder already trains with "
+                              "dreambooth.train_text_encoder=true; set one of the two")
+        prompt = config.data.instance_prompt
+        if prompt is not None and token not in prompt.split():
+            raise ConfigError(f"data.instance_prompt: {prompt!r} does not contain dreambooth.identifier_token {token!r}")
+        class_prompt = config.prior.class_prompt
+        if config.prior.enabled and class_prompt and token in class_prompt.split():
+            raise ConfigError(f"prior.class_prompt: {class_prompt!r} contains dreambooth.identifier_token {token!r}; "
+                              "the class prompt must not name the subject")
+
     def setup(self, models) -> None:
         super().setup(models)
         models.unet.requires_grad_(True)
-        self.trains_text_encoder = self.options.train_text_encoder
-        if self.trains_text_encoder:
+        self.identifier_rows = []
+        self.trains_text_encoder = self.options.train_text_encoder or self.options.identifier_token is not None
+        if self.options.train_text_encoder:
             for encoder in models.text_encoders:
                 encoder.requires_grad_(True)
+        elif self.options.identifier_token is not None:
+            token = self.options.identifier_token
+            for i, tokenizer in enumerate(models.tokenizers):
+                ids = tokenizer.encode(token, add_special_tokens=False)
+                if len(ids) != 1:
+                    raise ConfigError(f"dreambooth.identifier_token: {token!r} is {len(ids)} tokens for the "
+                                      f"tokenizer of text encoder {i + 1}; choose a word that is one token (e.g. sks)")
+                self.identifier_rows.append(TrainableEmbeddingRows(
+                    lambda i=i: input_embedding(self.models.text_encoders[i]), ids))
 
     def trainable_modules(self):
         modules = {"unet": self.models.unet}
-        if self.trains_text_encoder:
+        if self.trains_text_encoder:  # with identifier_token only its embedding matrix has requires_grad
             for i, encoder in enumerate(self.models.text_encoders):
                 modules[f"text_encoder{'_' + str(i + 1) if i else ''}"] = encoder
         return modules
 
     def trainable_parameters(self):
         groups = [{"params": [p for p in self.models.unet.parameters() if p.requires_grad]}]
-        if self.trains_text_encoder:
+        if self.options.train_text_encoder:
             lr = self.options.text_encoder_learning_rate or self.config.train.learning_rate
             params = [p for e in self.models.text_encoders for p in e.parameters() if p.requires_grad]
             groups.append({"params": params, "lr": lr})
+        elif self.identifier_rows:
+            lr = self.options.identifier_learning_rate or self.config.train.learning_rate
+            groups.append({"params": [rows.weight for rows in self.identifier_rows], "lr": lr})
         return groups
+
+    def full_precision_modules(self):
+        # the trained fp32 embedding rows feed the text encoder's layers, which must match them
+        return list(self.models.text_encoders) if self.identifier_rows else []
+
+    def after_optimizer_step(self) -> None:
+        for rows in self.identifier_rows:
+            rows.restore_frozen_rows()
 
     def export(self, models, out_dir: Path) -> list[Path]:
         pipe = models.pipeline()

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from personalize.config import ConfigError, option
 from personalize.methods import register_method
 from personalize.methods.base import Method
+from personalize.methods.embeddings import TrainableEmbeddingRows, input_embedding
 
 
 @dataclass
@@ -62,19 +63,14 @@ class TextualInversion(Method):
                               f"is {len(init_ids)} tokens; it must be exactly one")
         encoder.resize_token_embeddings(len(tokenizer))
         self.token_ids = tokenizer.convert_tokens_to_ids(self.tokens)
-        weight = self.embedding_weight
         with torch.no_grad():
+            weight = input_embedding(encoder)
             weight[self.token_ids] = weight[init_ids[0]].clone()
-        weight.requires_grad_(True)
-        self.frozen_rows = torch.ones(weight.shape[0], dtype=torch.bool)
-        self.frozen_rows[self.token_ids] = False
-        self.original = weight.detach().clone()
+        self.rows = TrainableEmbeddingRows(lambda: input_embedding(self.models.text_encoder), self.token_ids)
 
     @property
     def embedding_weight(self) -> torch.nn.Parameter:
-        encoder = self.models.text_encoder
-        encoder = getattr(encoder, "module", encoder)
-        return encoder.get_input_embeddings().weight
+        return self.rows.weight
 
     def prompts(self, prompts: list[str]) -> list[str]:
         token = self.options.placeholder_token
@@ -90,20 +86,16 @@ class TextualInversion(Method):
         return [{"params": [self.embedding_weight]}]
 
     def after_optimizer_step(self) -> None:
-        weight = self.embedding_weight
-        with torch.no_grad():
-            mask = self.frozen_rows.to(weight.device)
-            weight[mask] = self.original.to(weight.device, weight.dtype)[mask]
+        self.rows.restore_frozen_rows()
 
     def learned_embeds(self) -> torch.Tensor:
-        return self.embedding_weight[self.token_ids].detach().float().cpu().contiguous()
+        return self.rows.learned()
 
     def trainable_state_dict(self):
         return {"learned_embeds": self.learned_embeds()}
 
     def load_trainable_state_dict(self, state) -> None:
-        with torch.no_grad():
-            self.embedding_weight[self.token_ids] = state["learned_embeds"].to(self.embedding_weight)
+        self.rows.load(state["learned_embeds"])
 
     def export(self, models, out_dir: Path) -> list[Path]:
         path = out_dir / "learned_embeds.safetensors"
