@@ -111,3 +111,29 @@ def test_shipped_judges_reidentify_the_heldout_subjects():
     own = np.mean([judges.subject_fidelity(queries[2 * i:2 * i + 2], g) for i, g in enumerate(galleries)])
     other = np.mean([judges.subject_fidelity(queries[2 * i:2 * i + 2], galleries[(i + 1) % 12]) for i in range(12)])
     assert own > other + 0.3
+
+
+class _FakeVAE:
+    """encode -> latent_dist.mean -> decode -> sample, with ``decode`` applying ``fn`` to the pixels."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def encode(self, x):
+        return type("Out", (), {"latent_dist": type("Dist", (), {"mean": x})()})()
+
+    def decode(self, z):
+        return type("Out", (), {"sample": self.fn(z)})()
+
+
+def test_subject_fidelity_through_vae_compares_ceiling_renders_with_their_reconstructions():
+    from personalize.toyworld.card import subject_fidelity_through_vae
+
+    judges = Judges.load(TOY_JUDGES)
+    perfect = subject_fidelity_through_vae(_FakeVAE(lambda x: x), judges, n_images=1)
+    assert perfect["subjects"] == len(heldout_subjects()) and perfect["images_per_subject"] == 20
+    assert perfect["through_vae"] == pytest.approx(perfect["real"], abs=1e-3)  # a lossless VAE costs nothing
+    assert 0.6 < perfect["real"] < 0.95  # the ceiling row: real renders in new scenes vs the references
+    grey = subject_fidelity_through_vae(_FakeVAE(lambda x: torch.zeros_like(x)), judges, n_images=1)
+    assert grey["real"] == pytest.approx(perfect["real"])
+    assert grey["through_vae"] < perfect["real"] - 0.3  # a VAE that loses the image loses the subject
