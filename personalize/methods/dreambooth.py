@@ -37,13 +37,17 @@ class DreamBooth(Method):
     config_cls = DreamBoothConfig
     supports_prior_preservation = True
 
+    @staticmethod
+    def _identifier(options) -> Optional[str]:
+        return getattr(options, "identifier_token", None)  # text2image reuses this class and has none
+
     @classmethod
     def validate_config(cls, config) -> None:
         super().validate_config(config)
         options = config.method_config
-        token = options.identifier_token
+        token = cls._identifier(options)
         if token is None:
-            if options.identifier_learning_rate is not None:
+            if getattr(options, "identifier_learning_rate", None) is not None:
                 raise ConfigError("dreambooth.identifier_learning_rate: set only with dreambooth.identifier_token")
             return
         if not token.strip() or " " in token:
@@ -63,12 +67,12 @@ class DreamBooth(Method):
         super().setup(models)
         models.unet.requires_grad_(True)
         self.identifier_rows = []
-        self.trains_text_encoder = self.options.train_text_encoder or self.options.identifier_token is not None
+        token = self._identifier(self.options)
+        self.trains_text_encoder = self.options.train_text_encoder or token is not None
         if self.options.train_text_encoder:
             for encoder in models.text_encoders:
                 encoder.requires_grad_(True)
-        elif self.options.identifier_token is not None:
-            token = self.options.identifier_token
+        elif token is not None:
             for i, tokenizer in enumerate(models.tokenizers):
                 ids = tokenizer.encode(token, add_special_tokens=False)
                 if len(ids) != 1:
