@@ -1,8 +1,8 @@
 """DreamBooth (Ruiz et al. 2022): fine-tune the whole U-Net (and optionally the text encoder) on a few
 photos of a subject bound to a rare token, with a class-prior preservation loss against drift.
 
-``identifier_token`` adds pivotal tuning (as diffusers' advanced DreamBooth script's
-``--train_text_encoder_ti`` and kohya's embedding + network training do): the input embedding of the rare
+``identifier_token`` adds pivotal tuning (what diffusers' advanced DreamBooth LoRA script calls
+``--train_text_encoder_ti``, here beside the full U-Net): the input embedding of the rare
 identifier word trains with the U-Net, so the word itself comes to carry the subject, while every other
 row and layer of the text encoder stays frozen and class prompts ("a dog") are encoded exactly as before.
 """
