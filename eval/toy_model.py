@@ -40,17 +40,24 @@ def main(argv=None) -> int:
         parser.error("--ship stores new weights, which must be measured: leave out --card-only")
     if args.ship:
         print(f"shipped {ship(args.ship)}")
+    stored_file = TOY_MODEL_DIR / "measurements.json"
+    stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
     if args.card_only:
-        measured = json.loads((TOY_MODEL_DIR / "measurements.json").read_text())
+        measured = stored
     else:
         measured = measure(TOY_MODEL_DIR, n_captions=args.n)
         print(json.dumps(measured, indent=2))
-    if args.compare_vae:
-        for folder in args.compare_vae:
-            if not (folder / "config.json").is_file():
-                parser.error(f"--compare-vae {folder}: not a VAE folder (no config.json)")
-        measured["vae_candidates"] = [measure_vae_candidate(folder) for folder in args.compare_vae]
-        print(json.dumps(measured["vae_candidates"], indent=2))
+    for folder in args.compare_vae:
+        if not (folder / "config.json").is_file():
+            parser.error(f"--compare-vae {folder}: not a VAE folder (no config.json)")
+    # candidates measured before (their folders may be gone) stay on the card unless measured again now
+    again = {str(folder) for folder in args.compare_vae}
+    earlier = [c for c in stored.get("vae_candidates", []) if c["folder"] not in again]
+    new = [measure_vae_candidate(folder) for folder in args.compare_vae]
+    if new:
+        print(json.dumps(new, indent=2))
+    if earlier or new:
+        measured["vae_candidates"] = earlier + new
     runs = TOY_MODEL_DIR / RUNS_NAME
     info = json.loads(runs.read_text()) if runs.is_file() else {"vae": {}, "base": {}}
     for key, run_dir in (("vae", args.vae_run), ("base", args.base_run), ("continue", args.continue_run)):
