@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     stored_file = TOY_MODEL_DIR / "measurements.json"
     stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
     if args.card_only:
+        if not stored:
+            parser.error(f"--card-only: {stored_file} is missing; measure first (leave out --card-only)")
         measured = stored
     else:
         measured = measure(TOY_MODEL_DIR, n_captions=args.n)
