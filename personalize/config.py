@@ -17,9 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and what is wrong."""
+from personalize.errors import ConfigError
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from personalize import checkpointing
 from personalize.checkpointing import StopRequest, TrainingStopped
 from personalize.config import Config, ConfigError
+from personalize.errors import TrainingDiverged
 from personalize.data.cache import TextCache, cache_latents
 from personalize.data.class_images import ensure_class_images
 from personalize.data.datasets import PriorPairDataset, StepBatchSampler, collate
@@ -36,10 +37,6 @@ from personalize.precision import resolve_mixed_precision
 
 logger = logging.getLogger("personalize")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing was exported."""
 
 
 class Trainer:

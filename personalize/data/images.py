@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from personalize.errors import DataError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _16_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
-
-
-class DataError(ValueError):
-    """A problem with the training data; the message is meant for the user."""
 
 
 class ImageError(DataError):

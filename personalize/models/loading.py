@@ -15,14 +15,13 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from personalize.errors import ModelLoadError
 from personalize.models.tiny import TINY_MODELS, build_tiny
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth"}
 SINGLE_FILE_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES
 
 
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message says why and what to do."""
 
 
 def load_components(config) -> tuple[str, dict]:

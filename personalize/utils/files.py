@@ -1,0 +1,65 @@
+"""Atomic writes: a file is either its old self or complete, never half-written.
+
+Each writer writes a hidden temporary file beside the target, fsyncs it and renames it into place;
+on any error (a full disk, a read-only folder) the temporary file is removed and the error re-raised
+as :class:`~personalize.errors.OutputError` naming the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from personalize.errors import OutputError
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target``, else it is removed."""
+    target = Path(target)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {target}: {err.strerror or err}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def atomic_write_text(target: str | Path, text: str) -> Path:
+    return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | Path, value: Any) -> Path:
+    return atomic_write_text(target, json.dumps(value, indent=2) + "\n")
+
+
+def save_image(image, target: str | Path) -> Path:
+    """``image.save`` (PIL; format from the suffix), atomically."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        image.save(tmp, format=_PIL_FORMATS.get(target.suffix.lower(), "PNG"))
+    return target
+
+
+_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
