@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,7 +67,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.resolution > 0 and self.resolution % 8 == 0, "data.resolution",
                f"must be a positive multiple of 8, got {self.resolution}")
-        _check(self.repeats >= 1, "data.repeats", f"must be >= 1, got {self.repeats}")
+        _check(self.resolution <= MAX_RESOLUTION, "data.resolution", f"must be <= {MAX_RESOLUTION}, got {self.resolution}")
+        _check(0 <= self.min_image_size <= MAX_RESOLUTION, "data.min_image_size",
+               f"must be in [0, {MAX_RESOLUTION}], got {self.min_image_size}")
+        _check(1 <= self.repeats <= 100_000, "data.repeats", f"must be in [1, 100000], got {self.repeats}")
+        _check(0 <= self.toyworld_images <= 10_000_000, "data.toyworld_images", "must be in [0, 10000000]")
         _check(0.0 <= self.caption_dropout < 1.0, "data.caption_dropout", "must be in [0, 1)")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         if self.cache and (self.random_flip or not self.center_crop):
@@ -89,7 +94,10 @@ class PriorConfig:
         if self.enabled:
             _check(bool(self.class_images), "prior.class_images", "is required when prior.enabled is true")
             _check(bool(self.class_prompt), "prior.class_prompt", "is required when prior.enabled is true")
-        _check(self.num_class_images >= 1, "prior.num_class_images", "must be >= 1")
+        _check(1 <= self.num_class_images <= 1_000_000, "prior.num_class_images", "must be in [1, 1000000]")
+        _check(1 <= self.generation_steps <= 1000, "prior.generation_steps", "must be in [1, 1000]")
+        _check(1 <= self.generation_batch_size <= MAX_BATCH_SIZE, "prior.generation_batch_size",
+               f"must be in [1, {MAX_BATCH_SIZE}]")
         _check(self.prior_loss_weight >= 0, "prior.prior_loss_weight", "must be >= 0")
 
 
@@ -122,14 +130,18 @@ class TrainConfig:
     checkpoint_every: int = option(500, "save a resumable checkpoint every N steps (0 = only on stop)")
     checkpoints_total_limit: Optional[int] = option(3, "keep the newest N checkpoints")
     resume: Optional[str] = option(None, "'auto' = newest checkpoint in output_dir, or a checkpoint folder")
+    overwrite: bool = option(False, "allow a run in an output_dir that holds a finished run; its export, config.yaml "
+                                    "and run_summary.json are replaced only when this run exports")
     report_to: Literal["tensorboard", "wandb", "none"] = option("tensorboard", "experiment tracker")
     log_every: int = option(10, "log the loss every N steps")
     progress_bar: bool = option(True, "show a tqdm progress bar")
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _check(1 <= self.max_steps <= 100_000_000, "train.max_steps", f"must be in [1, 100000000], got {self.max_steps}")
+        _check(1 <= self.batch_size <= MAX_BATCH_SIZE, "train.batch_size",
+               f"must be in [1, {MAX_BATCH_SIZE}], got {self.batch_size}; use gradient_accumulation_steps for more")
+        _check(1 <= self.gradient_accumulation_steps <= 100_000, "train.gradient_accumulation_steps",
+               f"must be in [1, 100000], got {self.gradient_accumulation_steps}")
         _check(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
         _check(self.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
@@ -154,8 +166,8 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "validation.every", "must be >= 0")
-        _check(self.num_images_per_prompt >= 1, "validation.num_images_per_prompt", "must be >= 1")
-        _check(self.num_inference_steps >= 1, "validation.num_inference_steps", "must be >= 1")
+        _check(1 <= self.num_images_per_prompt <= 64, "validation.num_images_per_prompt", "must be in [1, 64]")
+        _check(1 <= self.num_inference_steps <= 1000, "validation.num_inference_steps", "must be in [1, 1000]")
 
 
 @dataclass
@@ -175,6 +187,30 @@ class Config:
             out[section] = dataclasses.asdict(getattr(self, section))
         out[self.method] = dataclasses.asdict(self.method_config)
         return out
+
+
+MAX_RESOLUTION = 4096  # pixels per side; FLUX trains at 2048 at most
+MAX_BATCH_SIZE = 1024  # per process and micro-batch
+
+
+def check_memory(config: Config, total_bytes: Optional[int] = None) -> None:
+    """Refuse a batch whose images alone cannot fit in this machine's memory (before anything loads)."""
+    total = total_bytes if total_bytes is not None else _physical_memory()
+    if not total:
+        return
+    images = config.train.batch_size * (2 if config.prior.enabled else 1)
+    need = images * 3 * config.data.resolution ** 2 * 4 * 2  # float32 pixels, plus the decoded images
+    if need > total:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} at data.resolution={config.data.resolution}: "
+                          f"one batch of images needs {need / 2**30:.1f} GiB, more than this machine's "
+                          f"{total / 2**30:.1f} GiB; lower them (gradient_accumulation_steps keeps the effective batch)")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 SECTIONS: dict[str, type] = {
@@ -323,4 +359,5 @@ def _from_dict(raw: dict, source: Optional[str], get_method_class, known_methods
     method_config = build_section(method_cls.config_cls, raw.get(method), method)
     config = Config(method=method, method_config=method_config, source=source, **sections)
     method_cls.validate_config(config)
+    check_memory(config)
     return config

@@ -8,7 +8,6 @@ the final export. A method (``personalize.methods``) only says what trains and h
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from personalize import checkpointing
 from personalize.checkpointing import StopRequest, TrainingStopped
 from personalize.config import Config, ConfigError
-from personalize.errors import TrainingDiverged
+from personalize.errors import CheckpointError, OutputError, TrainingDiverged
 from personalize.data.cache import TextCache, cache_latents
 from personalize.data.class_images import ensure_class_images
 from personalize.data.datasets import PriorPairDataset, StepBatchSampler, collate
@@ -34,9 +33,12 @@ from personalize.methods.base import _unwrap
 from personalize.models import load_models
 from personalize.optim import build_lr_scheduler, build_optimizer
 from personalize.precision import resolve_mixed_precision
+from personalize.utils.files import atomic_write_json
+from personalize.utils.output_dir import OutputFolder, is_main_process
 
 logger = logging.getLogger("personalize")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUMMARY_FILE = "run_summary.json"  # written last by the export: its presence means a finished run
 
 
 class Trainer:
@@ -155,17 +157,63 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """A checkpoint with no pickle in it (:mod:`personalize.checkpointing`); DeepSpeed's own format
+        (``accelerator.save_state``, pickled) only under DeepSpeed, whose optimizer state is sharded."""
+        acc = self.accelerator
         state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict(),
                  "train_seconds": self.train_seconds()}
-        return checkpointing.save(self.accelerator, self.checkpoint_root, self.step, state,
-                                  self.config.train.checkpoints_total_limit)
+        keep = self.config.train.checkpoints_total_limit
+        if self._deepspeed():
+            return checkpointing.save_with_accelerate(acc, self.checkpoint_root, self.step, state, keep)
+        weights = self.method.trainable_state_dict() if acc.is_main_process else {}
+        return checkpointing.save(acc, self.checkpoint_root, self.step, state, keep, weights, self._training_state())
+
+    def _training_state(self) -> dict:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None}
+
+    def _deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _resume(self) -> None:
-        state = checkpointing.resume(self.accelerator, self.config.train.resume, self.checkpoint_root,
-                                     self.method.name)
-        if state is not None:
-            self.step = int(state["global_step"])
-            self._seconds_before = float(state.get("train_seconds", 0.0))
+        cfg = self.config
+        found = checkpointing.find_resume(cfg.train.resume, self.checkpoint_root, self.method.name, cfg.to_dict(),
+                                          cfg.model.allow_pickle)
+        if found is None:
+            return
+        checkpoint, state = found
+        if state.get("format", 1) < checkpointing.FORMAT or self._deepspeed():
+            # accelerate's format unpickles; find_resume refused it unless model.allow_pickle is true
+            if not cfg.model.allow_pickle:
+                raise CheckpointError(f"{checkpoint} is in accelerate's pickled format; set model.allow_pickle=true "
+                                      f"if you trust it")
+            self.accelerator.load_state(str(checkpoint))
+        else:
+            weights, training_state = checkpointing.load(self.accelerator, checkpoint, state)
+            self._load_training_state(checkpoint, weights, training_state)
+        self.step = int(state["global_step"])
+        self._seconds_before = float(state.get("train_seconds", 0.0))
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    def _load_training_state(self, checkpoint: Path, weights: dict, training_state: dict) -> None:
+        parts = [(checkpointing.WEIGHTS_FILE, lambda: self.method.load_trainable_state_dict(weights)),
+                 ("optimizer", lambda: self.optimizer.load_state_dict(training_state["optimizer"])),
+                 ("lr_scheduler", lambda: self.lr_scheduler.load_state_dict(training_state["lr_scheduler"]))]
+        if self.ema is not None:
+            parts.append(("ema", lambda: self.ema.load_state_dict(training_state["ema"])))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and training_state.get("scaler") is not None:
+            parts.append(("scaler", lambda: scaler.load_state_dict(training_state["scaler"])))
+        for name, load in parts:
+            try:
+                load()
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+                raise CheckpointError(f"{checkpoint}: its {name} state does not fit this run ({err}); resume from "
+                                      f"another checkpoint or drop train.resume to start from step 0") from None
 
     def train_seconds(self) -> float:
         """Wall time of the training loop so far, over every resumed segment of this run."""
@@ -173,14 +221,36 @@ class Trainer:
         return getattr(self, "_seconds_before", 0.0) + (time.perf_counter() - start if start else 0.0)
 
     # ---------------------------------------------------------------------------------------------
+    def output_folder(self) -> OutputFolder:
+        """``train.output_dir``: writable, not holding a finished run (unless ``train.overwrite``), not
+        holding the run's inputs; locked while the run lasts."""
+        cfg = self.config
+        inputs = {"data.instance_images": [cfg.data.instance_images], "data.metadata": [cfg.data.metadata],
+                  "model.base": [cfg.model.base if Path(cfg.model.base).expanduser().exists() else None],
+                  "model.vae": [cfg.model.vae]}
+        return OutputFolder(self.output_dir, "train.output_dir", finished=SUMMARY_FILE, overwrite=cfg.train.overwrite,
+                            overwrite_option="train.overwrite=true", inputs=inputs)
+
     def train(self) -> Path:
-        """Run to ``train.max_steps`` (resuming if asked) and export; return the output folder."""
-        if not hasattr(self, "accelerator"):
-            self.setup()
+        """Run to ``train.max_steps`` (resuming if asked) and export; return the output folder.
+
+        The output folder is checked and locked before anything loads (the main process holds the lock);
+        SIGINT/SIGTERM during set-up stop at once, during training after the current step."""
+        if not is_main_process():
+            return self._train()
+        with self.output_folder().claim():
+            return self._train()
+
+    def _train(self) -> Path:
+        with StopRequest(immediate=True) as stop:
+            if not hasattr(self, "accelerator"):
+                self.setup()
+            return self._loop(stop)
+
+    def _loop(self, stop: StopRequest) -> Path:
         cfg, train, acc = self.config, self.config.train, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             checkpointing.remove_stale_temporaries(self.checkpoint_root)
         self._resume()
         if acc.log_with:
@@ -193,24 +263,26 @@ class Trainer:
         bar = tqdm(total=train.max_steps, initial=self.step, desc=f"{self.method.name}",
                    disable=not (train.progress_bar and acc.is_main_process))
         self._loop_start = time.perf_counter()
-        with StopRequest() as stop:
-            while self.step < train.max_steps:
-                terms = self._optimizer_step(batches, accumulation)
-                self.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                self._log(terms)
-                if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
-                    self.save_checkpoint()
-                if cfg.validation.prompts and cfg.validation.every and self.step % cfg.validation.every == 0:
-                    self.validate()
-                if self._stop_requested(stop):
-                    path = self.save_checkpoint()
-                    bar.close()
-                    acc.end_training()
-                    logger.warning("stopped at step %d; checkpoint %s; rerun with train.resume=auto to continue",
-                                   self.step, path)
-                    raise TrainingStopped(128 + stop.signum)
+        stop.immediate = False  # from here a signal finishes the step and saves a checkpoint
+        if stop.signum:
+            raise TrainingStopped(128 + stop.signum)
+        while self.step < train.max_steps:
+            terms = self._optimizer_step(batches, accumulation)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            self._log(terms)
+            if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+                self.save_checkpoint()
+            if cfg.validation.prompts and cfg.validation.every and self.step % cfg.validation.every == 0:
+                self.validate()
+            if self._stop_requested(stop):
+                path = self.save_checkpoint()
+                bar.close()
+                acc.end_training()
+                logger.warning("stopped at step %d; checkpoint %s; rerun with train.resume=auto to continue",
+                               self.step, path)
+                raise TrainingStopped(128 + stop.signum)
         bar.close()
         if train.checkpoint_every:
             self.save_checkpoint()
@@ -324,12 +396,21 @@ class Trainer:
         models = self.inference_models(reload_frozen=True)
         tmp = self.output_dir / ".export-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.method.export(models, tmp)
+        try:
+            tmp.mkdir(parents=True)
+            self.method.export(models, tmp)
+            # the config beside an export is the one that produced it: written with it, never before
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputError(f"train.output_dir: exporting into {self.output_dir} failed ({err.strerror or err}); "
+                              f"nothing was exported; checkpoints are in {self.checkpoint_root}") from None
+        # a folder without run_summary.json is not finished: drop the old one first, write the new one last
+        (self.output_dir / SUMMARY_FILE).unlink(missing_ok=True)
         written = []
         for item in sorted(tmp.iterdir()):
             target = self.output_dir / item.name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             item.replace(target)
             written.append(target)
@@ -337,7 +418,7 @@ class Trainer:
         summary = {"method": self.method.name, "steps": self.step, "files": [p.name for p in written],
                    "train_seconds": round(self.train_seconds(), 1), "mixed_precision": self.mixed_precision,
                    "final_loss": self.history[-1]["loss"] if self.history else None}
-        (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(self.output_dir / SUMMARY_FILE, summary)
         logger.info("exported %s to %s", ", ".join(p.name for p in written), self.output_dir)
         return written
 

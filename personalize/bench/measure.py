@@ -60,7 +60,8 @@ def _load(spec: dict, out_dir: Path, extra: list[str] = ()):
     from personalize.cli import resolve_recipe
     from personalize.config import load_config
 
-    overrides = [*spec["overrides"], f"train.output_dir={out_dir}", *extra]
+    # the benchmark's own scratch runs in its work folder: a rerun replaces them
+    overrides = [*spec["overrides"], f"train.output_dir={out_dir}", "train.overwrite=true", *extra]
     if spec.get("base"):
         overrides.append(f"model.base={spec['base']}")
     return load_config(resolve_recipe(spec["recipe"]), overrides)

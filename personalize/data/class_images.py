@@ -7,13 +7,13 @@ rename), so a stopped generation resumes where it stopped and a second run gener
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from personalize.data.images import IMAGE_EXTENSIONS
+from personalize.utils.files import save_image
 
 
 def existing_class_images(folder: Path) -> list[Path]:
@@ -43,10 +43,7 @@ def ensure_class_images(prior, models, resolution: int, seed: int, device, progr
                           guidance_scale=prior.guidance_scale, height=resolution, width=resolution,
                           generator=generator).images
             for image in images:
-                path = folder / f"class-{tag}-{have + made:05d}.png"
-                tmp = path.with_name(f".{path.name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, path)
+                save_image(image, folder / f"class-{tag}-{have + made:05d}.png")
                 made += 1
                 bar.update(1)
     del pipe

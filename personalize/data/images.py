@@ -9,6 +9,7 @@ once, or skips them with a warning when ``data.skip_bad_images`` is set.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -49,8 +50,9 @@ def list_images(folder: str | Path, what: str = "data.instance_images") -> list[
         raise DataError(f"{what}: folder {folder} does not exist")
     if not folder.is_dir():
         raise DataError(f"{what}: {folder} is not a folder")
-    try:
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
+    try:  # a link whose target is missing is kept: check_images names it like any unreadable file
+        entries = [p for p in folder.iterdir()
+                   if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists()))]
     except OSError as err:
         raise DataError(f"{what}: cannot read folder {folder}: {err}") from err
     images = sorted(p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -103,6 +105,8 @@ def load_image(path: str | Path) -> Image.Image:
     except ImageError:
         raise
     except FileNotFoundError as err:
+        if path.is_symlink():
+            raise ImageError(path, f"a symbolic link to {os.readlink(path)}, which does not exist") from err
         raise ImageError(path, "file does not exist") from err
     except UnidentifiedImageError as err:
         raise ImageError(path, "not an image (cannot identify image file)") from err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from personalize.errors import ModelLoadError
@@ -57,7 +58,12 @@ def _load_folder(path: Path, config) -> tuple[str, dict]:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(f"model.base: {path} is not a diffusers model folder (no model_index.json)")
-    index = json.loads(index_file.read_text())
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"model.base: {index_file} is not valid JSON ({err})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"model.base: {index_file} is not a diffusers model index (a JSON object)")
     family = "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd"
     weights = [p for p in path.glob("*/*") if p.suffix in {".safetensors", ".bin"}]
     use_safetensors = any(p.suffix == ".safetensors" for p in weights)
@@ -77,7 +83,7 @@ def _load_folder(path: Path, config) -> tuple[str, dict]:
             components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 path, subfolder="text_encoder_2", **kw)
             components["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, EnvironmentError, SafetensorError) as err:
         raise ModelLoadError(f"model.base: could not load {path}: {err}") from None
     return family, components
 
@@ -99,7 +105,10 @@ def _read_checkpoint(path: Path, prefix: str = "", keys_only: bool = False) -> d
 
 
 def _single_file_family(path: Path) -> str:
-    keys = _read_checkpoint(path, keys_only=True)
+    try:
+        keys = _read_checkpoint(path, keys_only=True)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"model.base: {path} is not a readable .safetensors checkpoint ({err})") from None
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
 
 
@@ -196,5 +205,5 @@ def load_vae(path: str) -> AutoencoderKL:
         raise ModelLoadError(f"model.vae: {folder} has no .safetensors weights")
     try:
         return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(f"model.vae: could not load {folder}: {err}") from None

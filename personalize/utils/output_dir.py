@@ -105,6 +105,7 @@ class OutputFolder:
         """Hold the folder's lock while the body runs (creates the folder)."""
         from filelock import FileLock, Timeout
 
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -125,6 +126,14 @@ class OutputFolder:
         finally:
             holder.unlink(missing_ok=True)
             lock.release()
+            if created and {p.name for p in self.path.iterdir()} <= {LOCK_NAME}:
+                # the command wrote nothing: leave no folder behind that it created
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                for folder in created:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
 
     def _holder(self) -> str:
         try:
