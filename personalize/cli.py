@@ -10,11 +10,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# errors of the file system that are the user's to fix (full disk, read-only, no permission, ...)
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                   errno.EISDIR, errno.ENAMETOOLONG}
 
 
 def resolve_recipe(name: str) -> Path:
@@ -71,7 +75,10 @@ def cmd_demo(args) -> int:
     if unknown:
         print(f"error: --methods: unknown {', '.join(unknown)}; choose from {', '.join(choices)}", file=sys.stderr)
         return 2
-    run_demo(Path(args.out), args.subject, methods, args.n, args.class_noun)
+    if args.n < 1:
+        print(f"error: -n: must be >= 1, got {args.n}", file=sys.stderr)
+        return 2
+    run_demo(Path(args.out), args.subject, methods, args.n, args.class_noun, overwrite=args.overwrite)
     return 0
 
 
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1, help="images per prompt (ToyBench: 2)")
     p.add_argument("--class-noun", default="star", help="class noun of your own subject (folder mode)")
     p.add_argument("--out", default="outputs/demo", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again into an --out that holds a finished demo (its results are reused where the "
+                        "settings match, the report is rewritten)")
     p.set_defaults(func=cmd_demo)
 
     from personalize.eval import __doc__ as eval_doc, add_arguments as add_eval_arguments
@@ -169,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: out of memory in `personalize {args.command}`; lower the batch size or resolution",
+              file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _USER_OS_ERRORS:
+            raise
+        print(f"error: {err.strerror}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
 
 
