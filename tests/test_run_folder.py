@@ -312,3 +312,26 @@ def test_the_demo_refuses_an_output_folder_that_holds_the_subject(tmp_path, caps
     code, text = run_cli(capsys, ["demo", "--subject", str(photos), "--out", str(out)])
     assert_refused(code, text, "--subject", str(photos), "--out")
     assert fingerprint(out) == before
+
+
+# -- 1. checkpoints of earlier versions (accelerate's pickled format) resume only when trusted ---------
+def test_a_pickled_checkpoint_of_an_earlier_version_resumes_only_with_allow_pickle(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from personalize.trainer import Trainer
+
+    reference = tmp_path / "reference"
+    assert main(train_args(reference, "train.max_steps=3")) == 0
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "_deepspeed", lambda self: True)  # accelerate's save_state, as before
+    assert main(train_args(out, "train.max_steps=2", "train.checkpoint_every=2")) == 0
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "checkpoint-2" / "custom_checkpoint_0.pkl").is_file()
+    unfinished(out)
+    code, text = run_cli(capsys, train_args(out, "train.max_steps=3", "train.resume=auto"))
+    assert_refused(code, text, "model.allow_pickle", "custom_checkpoint_0.pkl")
+    code, text = run_cli(capsys, train_args(out, "train.max_steps=3", "train.resume=auto", "model.allow_pickle=true"))
+    assert code == 0, text
+    want = load_file(str(reference / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
