@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -260,9 +261,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:  # YAML reads '1e-4' (no dot) as a string
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -297,7 +301,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
     return key.strip().split("."), value
 
 
@@ -321,9 +328,13 @@ def read_recipe(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist (see `personalize recipes` for the shipped ones)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a text file (not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"recipe {path} cannot be read: {err.strerror or err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping with a 'method' key")
     return raw

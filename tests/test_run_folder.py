@@ -335,3 +335,19 @@ def test_a_pickled_checkpoint_of_an_earlier_version_resumes_only_with_allow_pick
     want = load_file(str(reference / "pytorch_lora_weights.safetensors"))
     got = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# -- 12. recipes and overrides that are not what they claim ----------------------------------------------
+@pytest.mark.parametrize("args, named", [
+    (["train", "BINARY"], "not a text file"),
+    (["train", "tiny/lora", "train.seed=["], "train.seed=["),
+    (["train", "tiny/lora", "train.learning_rate=.inf"], "train.learning_rate"),
+    (["train", "tiny/lora", "train.max_steps=0"], "train.max_steps"),
+])
+def test_bad_recipes_and_overrides_are_clear_errors(tmp_path, capsys, args, named):
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    args = [str(binary) if a == "BINARY" else a for a in args]
+    code, text = run_cli(capsys, [*args, f"train.output_dir={tmp_path / 'run'}"])
+    assert_refused(code, text, named)
+    assert not (tmp_path / "run").exists()
