@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     rows = []
     for kind in [k for k in args.kinds.split(",") if k]:
         built = write_index(out / f"index-{kind}", embedded, embedder, kind=kind)
-        index = RetrievalIndex(built.index_dir)
+        index = RetrievalIndex(built.index_dir, root=collection)  # the images lie beside the index, not in it
         start = time.perf_counter()
         index.search(text=subjects[0].query, embedder=embedder)  # the first query reads the faiss index
         first_ms = 1000 * (time.perf_counter() - start)
@@ -181,9 +181,10 @@ def main(argv=None) -> int:
         "python data_tools/build_index.py outputs/toy-collection outputs/toy-index --embedder toy "
         "--toy-collection 200 10 --query \"" + subjects[0].query + "\"",
         "python -c 'from personalize.retrieval import query; print(query(\"outputs/toy-index\", "
-        "text=\"" + subjects[0].query + "\", k=5))'",
+        "text=\"" + subjects[0].query + "\", k=5, root=\"outputs/toy-collection\"))'",
         "# with an in-context model (personalize train toy/incontext):",
-        "personalize zero-shot --model outputs/toy-incontext --index outputs/toy-index --query \""
+        "personalize zero-shot --model outputs/toy-incontext --index outputs/toy-index "
+        "--index-root outputs/toy-collection --query \""
         + subjects[0].query + "\" --prompt \"a " + subjects[0].cls + " in the snow\"",
         "```",
         "",

@@ -81,7 +81,8 @@ def toy(tmp_path_factory):
     subjects = toy_named_collection(root / "collection", n_subjects=20, per_subject=4, seed=0)
     embedder = ToyEmbedder()
     result = build_index(root / "collection", root / "index", embedder, kind="auto")
-    return {"root": root, "subjects": subjects, "embedder": embedder, "index": root / "index", "result": result}
+    return {"root": root, "subjects": subjects, "embedder": embedder, "index": root / "index", "result": result,
+            "collection": root / "collection"}
 
 
 def test_toy_named_collection_and_names():
@@ -101,7 +102,7 @@ def test_flat_index_answers_name_and_image_queries(toy):
 
     found = []
     for subject in toy["subjects"]:  # "vafuplab the heart" -> that subject's renders
-        hits = query(toy["index"], text=subject.query, k=5, embedder=toy["embedder"])
+        hits = query(toy["index"], text=subject.query, k=5, embedder=toy["embedder"], root=toy["collection"])
         assert len(hits) == 5 and hits[0][1] >= hits[-1][1]
         mine = {str(f) for f in subject.files}
         assert hits[0][0]["path"] in mine, (subject.query, [h[0]["text"] for h in hits])
@@ -118,11 +119,12 @@ def test_flat_index_answers_name_and_image_queries(toy):
         pixels = render(sample_spec(np.random.default_rng([99, subject.subject]), training_subject(subject.subject)))
         Image.fromarray(pixels).save(toy["root"] / "query.png")
         for image in (pixels, Image.fromarray(pixels), str(toy["root"] / "query.png")):
-            hits = query(toy["index"], image=image, k=4, embedder=toy["embedder"])
+            hits = query(toy["index"], image=image, k=4, embedder=toy["embedder"], root=toy["collection"])
             assert hits[0][0]["path"] in {str(f) for f in subject.files}
     # without an embedder, the one index.json names is built (the zero-shot CLI's path)
-    assert query(toy["index"], text=toy["subjects"][0].query, k=1)[0][0]["path"] == \
-        query(toy["index"], text=toy["subjects"][0].query, k=1, embedder=toy["embedder"])[0][0]["path"]
+    assert query(toy["index"], text=toy["subjects"][0].query, k=1, root=toy["collection"])[0][0]["path"] == \
+        query(toy["index"], text=toy["subjects"][0].query, k=1, embedder=toy["embedder"],
+              root=toy["collection"])[0][0]["path"]
 
 
 def test_building_twice_gives_identical_files(toy):
@@ -175,7 +177,7 @@ def test_approximate_kinds_build_and_answer(kind, tmp_path):
     assert meta["kind"] == kind and meta["count"] == 300 and meta["dims"] == {"text": 16, "image": 16}
     assert (meta["params"] == {"nlist": 7, "nprobe": 7} if kind == "ivf"
             else meta["params"]["m"] == 32 and meta["params"]["ef_search"] == 128)
-    index = RetrievalIndex(tmp_path / "index")
+    index = RetrievalIndex(tmp_path / "index", root=tmp_path)
     for i in (0, 17, 123, 299):
         hits = index.search(text=f"record {i}", k=3, embedder=embedder)
         assert hits[0][0]["text"] == f"record {i}" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
@@ -185,6 +187,8 @@ def test_approximate_kinds_build_and_answer(kind, tmp_path):
             str((tmp_path / "images" / f"{i:04d}.png").resolve())
     again = build_index(source, tmp_path / "index-again", embedder, kind=kind)
     assert file_bytes(again.index_dir) == file_bytes(tmp_path / "index")
+    with pytest.raises(RetrievalError, match="outside the index root"):  # the collection is not in the index folder
+        RetrievalIndex(tmp_path / "index").search(text="record 0", k=1, embedder=embedder)
 
 
 def test_auto_kind_switches_to_hnsw_for_large_collections(tmp_path):
@@ -265,9 +269,9 @@ def test_zero_shot_with_an_index_writes_the_retrieved_pairs(toy, train_run, tmp_
     train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
     subject = toy["subjects"][3]
     out = tmp_path / "zs"
-    assert main(["zero-shot", "--model", str(tmp_path / "run"), "--index", str(toy["index"]), "--query",
-                 subject.query, "--prompt", f"a {subject.cls} in the snow", "-n", "1", "--steps", "2",
-                 "--out", str(out)]) == 0
+    assert main(["zero-shot", "--model", str(tmp_path / "run"), "--index", str(toy["index"]), "--index-root",
+                 str(toy["collection"]), "--query", subject.query, "--prompt", f"a {subject.cls} in the snow",
+                 "-n", "1", "--steps", "2", "--out", str(out)]) == 0
     lines = [json.loads(line) for line in (out / "retrieved" / "retrieved.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(subject.name in line["text"] for line in lines)  # the tiny model's K = 2
     assert all((out / "retrieved" / line["file"]).is_file() for line in lines) and (out / "000.png").is_file()

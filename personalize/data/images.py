@@ -75,7 +75,7 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to ``RGB``; transparent areas become white."""
     if image.mode in _16_BIT_MODES or image.mode in ("I", "F"):
         return _to_8_bit(image).convert("RGB")
@@ -101,7 +101,7 @@ def load_image(path: str | Path) -> Image.Image:
             raise ImageError(path, "empty file (0 bytes)")
         with Image.open(path) as opened:
             opened.load()  # decode now: truncated or corrupt data fails here, not later
-            return _to_rgb(ImageOps.exif_transpose(opened))
+            return to_rgb(ImageOps.exif_transpose(opened))
     except ImageError:
         raise
     except FileNotFoundError as err:

@@ -10,21 +10,25 @@ along the token axis: ``tokens[h * w]`` has shape (batch, K * h * w, channels).
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from personalize.models.loading import ModelLoadError
 from personalize.incontext.attention import (
-    ReferenceFeatures, install_reference_attention, reference_parameters, reference_state_dict,
+    BLOCK_GROUPS, QUERY_MODES, ReferenceFeatures, install_reference_attention, reference_parameters,
+    reference_state_dict,
 )
 
 WEIGHTS_NAME = "incontext_weights.safetensors"
 CONFIG_NAME = "incontext_config.json"
 DEFAULT_REF_SCALE = 2.0  # reference guidance scale for a model whose config names no ref_scale of its own
+MAX_CONFIG_BYTES = 1 << 20  # an in-context config is a few hundred bytes
 
 
 class InContextLoadError(ModelLoadError):
@@ -50,12 +54,92 @@ class InContextSpec:
         """The reference scale generation uses when none is given: ``ref_scale``, else :data:`DEFAULT_REF_SCALE`."""
         return self.ref_scale if self.ref_scale is not None else DEFAULT_REF_SCALE
 
+    @classmethod
+    def from_config(cls, values: Any, source: str | Path = CONFIG_NAME) -> "InContextSpec":
+        """The spec ``values`` (a loaded ``incontext_config.json``) describe, checked as a recipe section is:
+        an unknown key is refused naming it and the closest valid one, a wrong type or an impossible value
+        naming the key; :class:`InContextLoadError` naming ``source``."""
+        if not isinstance(values, dict):
+            raise InContextLoadError(f"{source}: an in-context config is a JSON object, got {type(values).__name__}")
+        names = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in names:
+                match = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                hint = f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(names)}"
+                raise InContextLoadError(f"{source}: unknown key {key!r}{hint}")
+        problems = [f"{key}: {problem}" for key, value in values.items()
+                    if (problem := _SPEC_CHECKS[key](value)) is not None]
+        if problems:
+            raise InContextLoadError(f"{source}: " + "; ".join(problems))
+        if values.get("ref_scale") is not None:
+            values = {**values, "ref_scale": float(values["ref_scale"])}
+        return cls(**values)
+
     @staticmethod
     def signature(unet) -> dict:
         c = unet.config
         return {"block_out_channels": list(c.block_out_channels), "cross_attention_dim": c.cross_attention_dim,
                 "in_channels": c.in_channels, "down_block_types": list(c.down_block_types),
                 "up_block_types": list(c.up_block_types)}
+
+
+def _families() -> tuple[str, ...]:
+    from personalize.models.family import FAMILIES
+
+    return tuple(FAMILIES)
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_blocks(value) -> Optional[str]:
+    if not isinstance(value, list) or not value:
+        return f"expected a non-empty list of block groups ({', '.join(BLOCK_GROUPS)}), got {value!r}"
+    bad = [v for v in value if v not in BLOCK_GROUPS]
+    if bad:
+        return f"unknown block group(s) {', '.join(map(repr, bad))}; choose from {', '.join(BLOCK_GROUPS)}"
+    if len(set(value)) != len(value):
+        return f"a block group is named twice in {value!r}"
+    return None
+
+
+def _check_lora(value) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return f"expected null or a mapping of LoRA options, got {value!r}"
+    if not _is_int(value.get("r"), 1):
+        return f"'r' (the LoRA rank) must be a whole number of at least 1, got {value.get('r')!r}"
+    targets = value.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        return f"'target_modules' must be a non-empty list of module names, got {targets!r}"
+    if "lora_alpha" in value and not _is_number(value["lora_alpha"]):
+        return f"'lora_alpha' must be a number, got {value['lora_alpha']!r}"
+    return None
+
+
+def _check_signature(value) -> Optional[str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return f"expected a mapping (the base U-Net's signature), got {value!r}"
+    return None
+
+
+_SPEC_CHECKS = {  # InContextSpec field -> a check of a value from a config file: None or what is wrong
+    "family": lambda v: None if v in _families() else f"expected one of {', '.join(_families())}, got {v!r}",
+    "blocks": _check_blocks,
+    "num_references": lambda v: None if _is_int(v, 1) else f"expected a whole number of at least 1, got {v!r}",
+    "reference_timestep": lambda v: None if _is_int(v, 0) else f"expected a whole number >= 0, got {v!r}",
+    "reference_query": lambda v: None if v in QUERY_MODES else f"expected one of {', '.join(QUERY_MODES)}, got {v!r}",
+    "unet_signature": _check_signature,
+    "lora": _check_lora,
+    "base": lambda v: None if v is None or (isinstance(v, str) and v) else f"expected null or a model name, got {v!r}",
+    "ref_scale": lambda v: None if v is None or _is_number(v) else f"expected null or a finite number, got {v!r}",
+}
 
 
 def encode_references(unet, latents: torch.Tensor, conditioning: dict, num_references: int,
@@ -128,15 +212,26 @@ def save_incontext(unet, spec: InContextSpec, out_dir: str | Path) -> list[Path]
 
 
 def read_spec(path: str | Path) -> InContextSpec:
+    """The spec in ``path/incontext_config.json``, checked (:meth:`InContextSpec.from_config`): a file that
+    is not UTF-8 JSON, or that names an unknown key, a wrong type or an impossible value, is an
+    :class:`InContextLoadError` naming the file and the key."""
     path = Path(path)
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise InContextLoadError(f"{path}: no {CONFIG_NAME} (an in-context model folder has {CONFIG_NAME} and "
                                  f"{WEIGHTS_NAME}, written by `personalize train` with method incontext)")
     try:
-        return InContextSpec(**json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise InContextLoadError(f"{config_file}: unreadable in-context config ({err})") from None
+        size = config_file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InContextLoadError(f"{config_file}: {size} bytes, too large for an in-context config")
+        values = json.loads(config_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InContextLoadError(f"{config_file}: not an in-context config: not UTF-8 text ({err})") from None
+    except json.JSONDecodeError as err:
+        raise InContextLoadError(f"{config_file}: not an in-context config: not JSON ({err})") from None
+    except OSError as err:
+        raise InContextLoadError(f"{config_file}: cannot read: {err.strerror or err}") from None
+    return InContextSpec.from_config(values, config_file)
 
 
 def load_incontext(unet, path: str | Path, family: str, grow: bool = False,
@@ -161,11 +256,19 @@ def load_incontext(unet, path: str | Path, family: str, grow: bool = False,
     if spec.unet_signature and spec.unet_signature != signature:
         diff = {k: (spec.unet_signature.get(k), v) for k, v in signature.items() if spec.unet_signature.get(k) != v}
         raise InContextLoadError(f"{path}: made for another U-Net (trained on / this base): {diff}")
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InContextLoadError(f"{weights}: missing (an in-context model folder has {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME})")
     try:
-        state = load_file(str(path / WEIGHTS_NAME))
-    except (OSError, SafetensorError) as err:
-        raise InContextLoadError(f"{path / WEIGHTS_NAME}: cannot read in-context weights ({err})") from None
-    install_reference_attention(unet, spec.blocks, spec.reference_query)
+        state = load_file(str(weights))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise InContextLoadError(f"{weights}: cannot read in-context weights: truncated, damaged or not "
+                                 f"safetensors ({err})") from None
+    try:
+        install_reference_attention(unet, spec.blocks, spec.reference_query)
+    except ValueError as err:
+        raise InContextLoadError(f"{path / CONFIG_NAME}: blocks {spec.blocks}: {err}") from None
     if spec.lora is not None:
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
@@ -174,9 +277,17 @@ def load_incontext(unet, path: str | Path, family: str, grow: bool = False,
                                      and set(spec.lora["target_modules"]) <= set(lora["target_modules"])):
             raise InContextLoadError(f"{path}: its LoRA (rank {spec.lora.get('r')}, modules "
                                      f"{spec.lora['target_modules']}) cannot grow into {lora}")
-        unet.add_adapter(LoraConfig(**(lora or spec.lora)))
+        try:
+            unet.add_adapter(LoraConfig(**(lora or spec.lora)))
+        except (TypeError, ValueError) as err:
+            raise InContextLoadError(f"{path / CONFIG_NAME}: lora {lora or spec.lora}: not a LoRA config this "
+                                     f"U-Net takes ({err})") from None
         saved = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
-        result = set_peft_model_state_dict(unet, saved)
+        try:
+            result = set_peft_model_state_dict(unet, saved)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise InContextLoadError(f"{path / WEIGHTS_NAME}: LoRA weights that do not fit this U-Net "
+                                     f"({' '.join(str(err).split())[:300]})") from None
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
             raise InContextLoadError(f"{path / WEIGHTS_NAME}: LoRA weights that fit no module of this U-Net: "
@@ -193,6 +304,9 @@ def load_incontext(unet, path: str | Path, family: str, grow: bool = False,
             if params[name].shape != value.shape:
                 raise InContextLoadError(f"{path / WEIGHTS_NAME}: {name} has shape {tuple(value.shape)}, this U-Net "
                                          f"needs {tuple(params[name].shape)}")
+            if not value.is_floating_point() or not torch.isfinite(value).all():
+                raise InContextLoadError(f"{path / WEIGHTS_NAME}: {name} is not finite floating-point weights "
+                                         f"({value.dtype}); the file is damaged")
             params[name].copy_(value)
     return spec
 

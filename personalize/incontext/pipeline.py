@@ -42,13 +42,18 @@ def load_references(images: Sequence, captions: Optional[Sequence[str]], spec: I
     if captions is not None and len(captions) != len(images):
         raise ReferenceImageError(f"{len(images)} reference images but {len(captions)} reference captions: give one "
                              "caption per image, in the same order")
+    if captions is not None and not all(isinstance(c, str) for c in captions):
+        raise ReferenceImageError(f"reference captions must be strings, got {list(captions)!r}")
     loaded = []
     for item in images:
         if isinstance(item, Image.Image):
             loaded.append(item.convert("RGB"))
             continue
+        path = Path(item)
+        if path.exists() and not path.is_file():  # a folder, a device (/dev/zero), a fifo: never opened
+            raise ReferenceImageError(f"reference image {item}: not a regular file")
         try:
-            loaded.append(load_image(Path(item)))
+            loaded.append(load_image(path))
         except DataError as err:
             raise ReferenceImageError(f"reference image {item}: {err}") from None
     return loaded, list(captions) if captions is not None else [default_caption] * len(loaded)
@@ -128,6 +133,9 @@ class InContextPipeline:
                 allow_more_references, ref_interval=None) -> torch.Tensor:
         from diffusers import DDIMScheduler
 
+        for name, value in (("num_images", num_images), ("steps", steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a whole number of at least 1, got {value!r}")
         if ref_interval is not None and not 0.0 <= ref_interval[0] <= ref_interval[1] <= 1.0:
             raise ValueError(f"reference guidance interval {tuple(ref_interval)}: give 0 <= lo <= hi <= 1 (fractions "
                              "of the noise schedule)")

@@ -171,7 +171,11 @@ class ToyEmbedder(Embedder):
 def embedder_for(name: str, clip_weights: Optional[str] = None, device=None) -> Embedder:
     """The embedder an index's ``index.json`` names, built with default weights (``clip_weights`` for CLIP)."""
     if name.startswith("toy:text-") and name.endswith("+identity"):
-        return ToyEmbedder(pooling=name[len("toy:text-"):-len("+identity")])
+        pooling = name[len("toy:text-"):-len("+identity")]
+        if pooling not in ToyEmbedder.POOLINGS:
+            raise RetrievalError(f"no built-in embedder is called {name!r} (toy pooling {pooling!r}: choose from "
+                                 f"{', '.join(ToyEmbedder.POOLINGS)})")
+        return ToyEmbedder(pooling=pooling)
     if name.startswith("open_clip:"):
         return OpenClipEmbedder.load(clip_weights, model_name=name.split(":", 1)[1], device=device)
     raise RetrievalError(f"no built-in embedder is called {name!r}; pass the embedder the index was built with")

@@ -1,6 +1,15 @@
 """The faiss index folder: index kinds and their parameters, building and writing it
 (:func:`build_index`, :func:`write_index`), and loading and querying it (:class:`RetrievalIndex`,
-:func:`load_index`, :func:`query`)."""
+:func:`load_index`, :func:`query`).
+
+An index folder is read as untrusted input: ``index.json`` must be a UTF-8 JSON object with the keys and
+types :func:`write_index` writes, every line of ``records.jsonl`` a ``{"path", "text"}`` object, each
+faiss file an index of the kind, dimension, metric and size ``index.json`` names. A record's path must
+lead (links followed) to a regular image-sized file inside the index's *root*: the index folder itself,
+or a folder the user names (``root``; ``personalize zero-shot --index-root``), so an index cannot make a
+command read ``/etc/passwd``, ``../../...`` or ``/dev/zero``. Anything else is a :class:`RetrievalError`
+naming the file and line.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +27,17 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from personalize.data.cluster_builder import BadRecord
-from personalize.data.images import load_image
 from personalize.retrieval.embedders import Embedder, embedder_for, normalize
 from personalize.retrieval.errors import RetrievalError, import_faiss
-from personalize.retrieval.records import Embedded, embed_collection, read_collection
+from personalize.retrieval.folder import (
+    FILES, FORMAT_VERSION, IMAGE_INDEX, META, RECORDS, TEXT_INDEX, check_index_folder, is_count, read_meta,
+    read_records, refuse_inputs_among_outputs)
+from personalize.retrieval.records import Embedded, embed_collection, read_collection, read_image_file, resolve_inside
+from personalize.utils.files import atomic_write_bytes
+from personalize.utils.output_dir import OutputFolder
 
 logger = logging.getLogger(__name__)
 
-TEXT_INDEX, IMAGE_INDEX, RECORDS, META = "index_text.faiss", "index_image.faiss", "records.jsonl", "index.json"
-FORMAT_VERSION = 1
 KINDS = ("auto", "flat", "ivf", "hnsw")
 AUTO_FLAT_BELOW = 50_000  # kind "auto": exact search below this many records, HNSW from here on
 KMEANS_SEED = 1234  # faiss k-means (IVF training) seed: fixed, so IVF builds are reproducible
@@ -93,19 +105,18 @@ def make_index(vectors: np.ndarray, kind: str, params: dict[str, int]):
 def index_params(kind: str, count: int, nlist: Optional[int] = None, nprobe: Optional[int] = None,
                  m: Optional[int] = None, ef_search: Optional[int] = None) -> dict[str, int]:
     """The parameters of a ``kind`` index over ``count`` records (defaults for those not given)."""
+    for name, value in (("nlist", nlist), ("nprobe", nprobe), ("m", m), ("ef_search", ef_search)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RetrievalError(f"{name}: must be a whole number of at least 1, got {value!r}")
     if kind == "ivf":
+        if nlist is not None and nlist > count:
+            raise RetrievalError(f"nlist: {nlist} cells for {count} records; give at most {count} (default: "
+                                 f"{default_nlist(count)})")
         nlist = nlist or default_nlist(count)
         return {"nlist": nlist, "nprobe": min(nlist, nprobe or max(IVF_NPROBE, nlist // IVF_NPROBE_FRACTION))}
     if kind == "hnsw":
         return {"m": m or HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": ef_search or HNSW_EF_SEARCH}
     return {}
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file beside it, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _stored_path(path: Path, index_dir: Path, relative: bool) -> str:
@@ -137,12 +148,14 @@ class BuildResult:
 
 def write_index(index_dir: str | Path, embedded: Embedded, embedder: Embedder, kind: str = "auto",
                 relative_paths: bool = True, flat_below: int = AUTO_FLAT_BELOW, threads: Optional[int] = 1,
-                **params: Optional[int]) -> BuildResult:
-    """Write the index folder for embedded records: both faiss indexes, ``records.jsonl`` and ``index.json``.
-    ``params``: ``nlist``/``nprobe`` (ivf), ``m``/``ef_search`` (hnsw). ``threads=1`` (default) makes the
-    files reproducible; None lets faiss use every core."""
+                overwrite: bool = True, **params: Optional[int]) -> BuildResult:
+    """Write the index folder for embedded records: both faiss indexes, ``records.jsonl`` and ``index.json``
+    (last, each file atomically). ``params``: ``nlist``/``nprobe`` (ivf), ``m``/``ef_search`` (hnsw).
+    ``threads=1`` (default) makes the files reproducible; None lets faiss use every core. An index already
+    in ``index_dir`` is replaced only with ``overwrite`` (:func:`check_index_folder`)."""
     faiss = import_faiss()
-    index_dir = Path(index_dir)
+    folder = OutputFolder(check_index_folder(index_dir, overwrite), "index_dir").check()  # writable
+    index_dir = folder.path
     count = len(embedded.records)
     kind = resolve_kind(kind, count, flat_below)
     chosen = index_params(kind, count, **params)
@@ -151,17 +164,20 @@ def write_index(index_dir: str | Path, embedded: Embedded, embedder: Embedder, k
         indexes = {name: make_index(vectors, kind, chosen)
                    for name, vectors in ((TEXT_INDEX, embedded.text), (IMAGE_INDEX, embedded.image))}
     index_seconds = time.perf_counter() - start
-    index_dir.mkdir(parents=True, exist_ok=True)
-    for name, index in indexes.items():
-        _write_bytes(index_dir / name, faiss.serialize_index(index).tobytes())
     lines = [json.dumps({"path": _stored_path(r.path, index_dir, relative_paths), "text": r.text},
                         ensure_ascii=False) for r in embedded.records]
-    _write_bytes(index_dir / RECORDS, ("\n".join(lines) + "\n").encode("utf-8"))
+    root = os.path.commonpath([os.path.abspath(r.path.parent) for r in embedded.records])
     meta = {"format": FORMAT_VERSION, "embedder": {"name": embedder.name, "fingerprint": embedder.fingerprint},
             "dims": {"text": int(embedded.text.shape[1]), "image": int(embedded.image.shape[1])},
             "kind": kind, "params": chosen, "count": count, "metric": "inner product of L2-normalized vectors",
-            "files": {"text": TEXT_INDEX, "image": IMAGE_INDEX, "records": RECORDS}}
-    _write_bytes(index_dir / META, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            "files": {"text": TEXT_INDEX, "image": IMAGE_INDEX, "records": RECORDS},
+            "root": _stored_path(Path(root), index_dir, relative_paths)}
+    with folder.lock():  # a second build into the folder fails at once, naming this one
+        check_index_folder(index_dir, overwrite)
+        for name, index in indexes.items():
+            atomic_write_bytes(index_dir / name, faiss.serialize_index(index).tobytes())
+        atomic_write_bytes(index_dir / RECORDS, ("\n".join(lines) + "\n").encode("utf-8"))
+        atomic_write_bytes(index_dir / META, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return BuildResult(index_dir, meta, {**{f"embed {k}": v for k, v in embedded.seconds.items()},
                                          "index": index_seconds}, embedded.bad)
 
@@ -169,17 +185,31 @@ def write_index(index_dir: str | Path, embedded: Embedded, embedder: Embedder, k
 def build_index(source: str | Path, index_dir: str | Path, embedder: Embedder, kind: str = "auto",
                 caption_extension: str = ".txt", skip_bad: bool = False, relative_paths: bool = True,
                 batch_size: int = 256, flat_below: int = AUTO_FLAT_BELOW, threads: Optional[int] = 1,
-                progress: bool = False, **params: Optional[int]) -> BuildResult:
+                progress: bool = False, overwrite: bool = True, **params: Optional[int]) -> BuildResult:
     """Embed the collection ``source`` (a folder tree with ``NAME.txt`` captions beside the images, or a
-    JSONL of ``{"file_name", "text"}`` records relative to it) and write an index folder ``index_dir``."""
+    JSONL of ``{"file_name", "text"}`` records relative to it) and write an index folder ``index_dir``.
+    Everything is checked before anything is embedded or written: the options, the output folder
+    (:func:`check_index_folder`), and that no input is one of the files the build writes."""
     import_faiss()  # fail before embedding anything
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RetrievalError(f"batch_size: must be a whole number of at least 1, got {batch_size!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise RetrievalError(f"threads: must be a whole number of at least 1, got {threads!r}")
+    resolve_kind(kind, 0, flat_below)
+    index_params("flat", 1, **params)  # the parameters' types and values
+    OutputFolder(check_index_folder(index_dir, overwrite), "index_dir").check()
     records, bad = read_collection(source, caption_extension)
+    refuse_inputs_among_outputs(Path(index_dir), Path(source), records, caption_extension)
     embedded = embed_collection(records, embedder, bad, skip_bad=skip_bad, batch_size=batch_size,
                                 progress=progress, what=f"collection {source}")
-    return write_index(index_dir, embedded, embedder, kind, relative_paths, flat_below, threads, **params)
+    return write_index(index_dir, embedded, embedder, kind, relative_paths, flat_below, threads, overwrite,
+                       **params)
 
 
 # -- querying -------------------------------------------------------------------------------------
+
+_FAISS_CLASSES = {"flat": "IndexFlat", "ivf": "IndexIVF", "hnsw": "IndexHNSW"}  # index.json kind -> faiss class
+
 
 def _check_embedder(index_dir: Path, meta: dict, embedder: Embedder) -> None:
     built = meta["embedder"]
@@ -190,29 +220,31 @@ def _check_embedder(index_dir: Path, meta: dict, embedder: Embedder) -> None:
             f"{embedder.fingerprint[:16]}...); query with the embedder the index was built with, or rebuild it")
 
 
-class RetrievalIndex:
-    """An index folder loaded for querying. ``last_query_seconds`` holds the time of the latest query
-    (``embed``: the query's embedding, ``search``: the faiss search)."""
+def _faiss_reason(err: BaseException) -> str:
+    """faiss's C++ message without its source location (``Error in ... at file.cpp:12: ``)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text)[:200]
 
-    def __init__(self, index_dir: str | Path):
+
+class RetrievalIndex:
+    """An index folder loaded for querying (checked as the module docstring says). ``root``: the folder
+    every record's file must lie in (default: the index folder). ``last_query_seconds`` holds the time of
+    the latest query (``embed``: the query's embedding, ``search``: the faiss search)."""
+
+    def __init__(self, index_dir: str | Path, root: str | Path | None = None):
         self.index_dir = Path(index_dir)
+        self.root = Path(root).expanduser() if root is not None else self.index_dir
+        if root is not None and not self.root.is_dir():
+            raise RetrievalError(f"index root: {root} is not a folder")
         meta_file = self.index_dir / META
         if not meta_file.is_file():
             raise RetrievalError(f"{self.index_dir}: not an index folder (no {META}; build one with "
                                  "data_tools/build_index.py)")
-        try:
-            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            missing = [k for k in ("embedder", "dims", "kind", "count") if k not in self.meta]
-        except json.JSONDecodeError as err:
-            raise RetrievalError(f"{meta_file}: not JSON: {err}") from None
-        if missing:
-            raise RetrievalError(f"{meta_file}: missing key(s) {', '.join(missing)}")
+        self.meta = read_meta(meta_file)
         records_file = self.index_dir / RECORDS
         if not records_file.is_file():
             raise RetrievalError(f"{records_file}: missing (the index folder is incomplete; rebuild it)")
-        self.records = [json.loads(line) for line in records_file.read_text(encoding="utf-8").splitlines() if line]
-        if len(self.records) != self.meta["count"]:
-            raise RetrievalError(f"{records_file}: {len(self.records)} records but {META} says {self.meta['count']}")
+        self.records, self._lines = read_records(records_file, self.meta["count"])
         self._indexes: dict[str, Any] = {}
         self.last_query_seconds: dict[str, float] = {}
 
@@ -222,44 +254,80 @@ class RetrievalIndex:
             path = self.index_dir / name
             if not path.is_file():
                 raise RetrievalError(f"{path}: missing (the index folder is incomplete; rebuild it)")
-            index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+            try:
+                data = np.fromfile(path, dtype=np.uint8)
+            except OSError as err:
+                raise RetrievalError(f"{path}: cannot read: {err.strerror or err}") from None
+            if not data.size:
+                raise RetrievalError(f"{path}: empty file, not a faiss index; rebuild the index")
+            try:
+                index = faiss.deserialize_index(data)
+            except (RuntimeError, ValueError, MemoryError) as err:
+                raise RetrievalError(f"{path}: not a faiss index, or a truncated or damaged one "
+                                     f"({_faiss_reason(err)}); rebuild the index") from None
+            kind, dim = self.meta["kind"], self.meta["dims"]["text" if name == TEXT_INDEX else "image"]
+            if not isinstance(index, getattr(faiss, _FAISS_CLASSES[kind])):
+                raise RetrievalError(f"{path}: holds a {type(index).__name__} but {META} says kind {kind!r}")
+            if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+                raise RetrievalError(f"{path}: not an inner-product index (metric {index.metric_type})")
+            if index.d != dim:
+                raise RetrievalError(f"{path}: holds {index.d}-dimensional vectors but {META} says {dim}")
             if index.ntotal != self.meta["count"]:
                 raise RetrievalError(f"{path}: holds {index.ntotal} vectors but {META} says {self.meta['count']}")
-            params = self.meta.get("params", {})
-            if "nprobe" in params:
+            params = self.meta["params"]
+            if kind == "ivf" and "nprobe" in params:
                 index.nprobe = params["nprobe"]
-            if "ef_search" in params:
+            if kind == "hnsw" and "ef_search" in params:
                 index.hnsw.efSearch = params["ef_search"]
             self._indexes[name] = index
         return self._indexes[name]
 
+    def _root_hint(self) -> str:
+        if self.root != self.index_dir:
+            return ""
+        declared = self.meta.get("root")
+        said = ""
+        if isinstance(declared, str) and declared:
+            said = f"; its {META} says its images are in {os.path.normpath(self.index_dir / declared)}"
+        return (f" (by default the index folder{said}). If you trust this index, name the folder its images are "
+                "in as the index root (personalize zero-shot --index-root DIR)")
+
     def record(self, row: int) -> dict[str, Any]:
-        """Record ``row`` with its ``path`` made absolute (stored paths are relative to the index folder)."""
+        """Record ``row`` (with its ``row`` and its ``line`` in ``records.jsonl``), its ``path`` resolved (stored
+        paths are relative to the index folder): the real path of a regular file of at most
+        ``MAX_IMAGE_BYTES`` inside the root, else :class:`RetrievalError` naming the record's line."""
         record = dict(self.records[row])
-        path = Path(record["path"])
-        record["path"] = str(path if path.is_absolute() else (self.index_dir / path).resolve())
-        record["row"] = row
+        where = f"{self.index_dir / RECORDS} line {self._lines[row]}"
+        record["path"] = str(resolve_inside(record["path"], self.index_dir, self.root, where, self._root_hint()))
+        record["row"], record["line"] = row, self._lines[row]
         return record
 
     def search(self, text: Optional[str] = None, image=None, k: int = 5,
                embedder: Optional[Embedder] = None) -> list[tuple[dict[str, Any], float]]:
         """The ``k`` records nearest to ``text`` (by caption) or ``image`` (by image: a path, a PIL image or
-        uint8 pixels), best first, with their cosine similarity."""
+        uint8 pixels), best first, with their cosine similarity; every record's file checked by
+        :meth:`record`."""
         if (text is None) == (image is None):
             raise RetrievalError("query: give exactly one of text or image")
-        if k < 1:
-            raise RetrievalError(f"query: k must be at least 1, got {k}")
+        if not is_count(k):
+            raise RetrievalError(f"query: k must be a whole number of at least 1, got {k!r}")
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise RetrievalError(f"query: text must be a non-empty string, got {text!r}")
         embedder = embedder or _default_embedder(self.meta["embedder"]["name"])
         _check_embedder(self.index_dir, self.meta, embedder)
         start = time.perf_counter()
         if text is not None:
-            if not isinstance(text, str) or not text.strip():
-                raise RetrievalError(f"query: text must be a non-empty string, got {text!r}")
-            vector, index = normalize(embedder.embed_texts([text])), self._index(TEXT_INDEX)
+            name = TEXT_INDEX
+            vector = normalize(embedder.embed_texts([text]))
         else:
+            name = IMAGE_INDEX
             if isinstance(image, (str, Path)):
-                image = load_image(image)  # ImageError names the file
-            vector, index = normalize(embedder.embed_images([image])), self._index(IMAGE_INDEX)
+                image = read_image_file(image).image  # ImageError names the file
+            vector = normalize(embedder.embed_images([image]))
+        index = self._index(name)
+        if vector.ndim != 2 or vector.shape[1] != index.d:
+            raise RetrievalError(f"query: the embedder {embedder.name!r} gives {vector.shape[-1]}-dimensional "
+                                 f"vectors but {self.index_dir / name} holds {index.d}-dimensional ones")
         embedded = time.perf_counter()
         scores, rows = index.search(vector, min(k, self.meta["count"]))
         self.last_query_seconds = {"embed": embedded - start, "search": time.perf_counter() - embedded}
@@ -269,7 +337,7 @@ class RetrievalIndex:
 
 
 _EMBEDDERS: dict[str, Embedder] = {}
-_INDEXES: dict[tuple[str, int], RetrievalIndex] = {}
+_INDEXES: dict[tuple[str, tuple[int, int], str], RetrievalIndex] = {}
 
 
 def _default_embedder(name: str) -> Embedder:
@@ -279,22 +347,24 @@ def _default_embedder(name: str) -> Embedder:
     return _EMBEDDERS[name]
 
 
-def load_index(index_dir: str | Path) -> RetrievalIndex:
-    """The index folder ``index_dir``, loaded once per process (again when its ``index.json`` changes)."""
+def load_index(index_dir: str | Path, root: str | Path | None = None) -> RetrievalIndex:
+    """The index folder ``index_dir`` with its records' root (default: the index folder), loaded once per
+    process (again when its ``index.json`` or ``records.jsonl`` changes)."""
     index_dir = Path(index_dir)
-    meta_file = index_dir / META
-    key = (str(index_dir.resolve()), meta_file.stat().st_mtime_ns if meta_file.is_file() else -1)
+    stamps = tuple((index_dir / name).stat().st_mtime_ns if (index_dir / name).is_file() else -1
+                   for name in (META, RECORDS))
+    key = (str(index_dir.resolve()), stamps, str(Path(root).expanduser().resolve()) if root is not None else "")
     if key not in _INDEXES:
-        _INDEXES[key] = RetrievalIndex(index_dir)
+        _INDEXES[key] = RetrievalIndex(index_dir, root)
     return _INDEXES[key]
 
 
 def query(index_dir: str | Path, text: Optional[str] = None, image=None, k: int = 5,
-          embedder: Optional[Embedder] = None) -> list[tuple[dict[str, Any], float]]:
+          embedder: Optional[Embedder] = None, root: str | Path | None = None) -> list[tuple[dict[str, Any], float]]:
     """The ``k`` records of the index at ``index_dir`` nearest to a prompt ``text`` (text -> captions) or
-    a query ``image`` (image -> images), best first, as ``(record, cosine)``; a record has ``path``
-    (absolute), ``text`` and ``row``. ``embedder``: default, the built-in one the index names; one whose
-    name or weights differ from the index's is an error. The time taken is in
-    ``load_index(index_dir).last_query_seconds``."""
-    return load_index(index_dir).search(text=text, image=image, k=k, embedder=embedder)
+    a query ``image`` (image -> images), best first, as ``(record, cosine)``; a record has ``path`` (the
+    real path of its file, which lies inside ``root``: default the index folder), ``text`` and ``row``.
+    ``embedder``: default, the built-in one the index names; one whose name or weights differ from the
+    index's is an error. The time taken is in ``load_index(index_dir, root).last_query_seconds``."""
+    return load_index(index_dir, root).search(text=text, image=image, k=k, embedder=embedder)
 

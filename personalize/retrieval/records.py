@@ -1,25 +1,150 @@
 """Reading a collection (a folder tree with ``NAME.txt`` captions, or a JSONL of ``{"file_name", "text"}``
-records) into :class:`Record` s, and embedding it (:func:`embed_collection` -> :class:`Embedded`)."""
+records) into :class:`Record` s, and embedding it (:func:`embed_collection` -> :class:`Embedded`); reading
+an image file of a collection or an index within bounds (:func:`read_image_file`), and resolving an
+index record's path inside the index's root (:func:`resolve_inside`).
+
+An image file is read only if it is a regular file (not a device such as ``/dev/zero``, a fifo or a
+folder) of at most :data:`MAX_IMAGE_BYTES` that decodes to at most :data:`MAX_IMAGE_PIXELS` pixels;
+the bytes are read once, and the image is decoded from them, so what was checked is what is used.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import stat
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from personalize.data.cluster_builder import BadRecord, BadRecordsError, read_caption
-from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, load_image
+from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, to_rgb
 from personalize.data.jsonl import parse_jsonl
 from personalize.retrieval.embedders import Embedder, normalize
+from personalize.retrieval.errors import RetrievalError
+
+MAX_IMAGE_BYTES = 64 * 2**20  # an image file of a collection or an index: at most 64 MiB ...
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # ... decoding to at most PIL's decompression-bomb
+#                                                          limit of pixels (a hard limit here, not a warning)
+_FORMAT_SUFFIXES = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif"}
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file read within bounds: its bytes, the RGB image they decode to, and the format."""
+
+    path: Path
+    data: bytes
+    image: Image.Image
+    format: str
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of its format (``.png``, ``.jpg``, ...), whatever the file was called."""
+        return _FORMAT_SUFFIXES.get(self.format, f".{self.format.lower()}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_image_file(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+                    follow_links: bool = True) -> ImageFile:
+    """Read the image file ``path`` within bounds (see the module docstring) and decode it fully (EXIF
+    orientation applied, 8-bit RGB, as :func:`personalize.data.images.load_image`). Raises
+    :class:`ImageError` (``.path``, ``.reason``) for anything else; never blocks on a fifo or reads a
+    device. ``follow_links=False``: a path whose last part is a symbolic link is refused."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError(path, "file does not exist") from None
+    except OSError as err:
+        if path.is_symlink() and not follow_links:
+            raise ImageError(path, "a symbolic link") from None
+        raise ImageError(path, f"cannot read: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(path, f"{_file_kind(info.st_mode)}, not an image file")
+        if info.st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        if info.st_size > max_bytes:
+            raise ImageError(path, f"too large: {info.st_size} bytes (at most {max_bytes})")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as err:
+            raise ImageError(path, f"cannot read: {err.strerror or err}") from None
+    if len(data) > max_bytes:  # it grew while being read
+        raise ImageError(path, f"too large: more than {max_bytes} bytes")
+    image, image_format = _decode(data, path, max_pixels)
+    return ImageFile(path, data, image, image_format)
+
+
+def _decode(data: bytes, path: Path, max_pixels: int) -> tuple[Image.Image, str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageError(path, f"too large: {width}x{height} pixels (at most {max_pixels})")
+                image_format = opened.format or "PNG"
+                opened.load()  # decode now: truncated or corrupt data fails here
+                return to_rgb(ImageOps.exif_transpose(opened)), image_format
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (cannot identify image file)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(path, f"too large: {err}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
+        raise ImageError(path, f"truncated or corrupt: {err}") from None
+
+
+def resolve_inside(stored: str, base: Path, root: Path, where: str, hint: str = "") -> Path:
+    """The file ``stored`` (relative to ``base``, or absolute) names, with every link followed, if it lies
+    inside ``root`` and is a regular file of at most :data:`MAX_IMAGE_BYTES`; else :class:`RetrievalError`
+    naming ``where`` (the record) and what is wrong. ``hint`` ends the message of a path outside ``root``."""
+    path = Path(stored).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise RetrievalError(f"{where}: {stored} does not exist") from None
+    except (OSError, RuntimeError, ValueError) as err:  # a loop of links, a part that is no folder, a NUL byte
+        reason = getattr(err, "strerror", None) or err
+        raise RetrievalError(f"{where}: {stored} cannot be resolved ({reason})") from None
+    root = root.resolve()
+    if not real.is_relative_to(root):
+        raise RetrievalError(f"{where}: {stored} is {real}, outside the index root {root}; an index may only "
+                             f"name files inside its root{hint}")
+    try:
+        info = real.stat()
+    except OSError as err:
+        raise RetrievalError(f"{where}: {stored} cannot be read ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise RetrievalError(f"{where}: {stored} is {_file_kind(info.st_mode)}, not an image file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise RetrievalError(f"{where}: {stored} is too large ({info.st_size} bytes, at most {MAX_IMAGE_BYTES})")
+    return real
 
 
 @dataclass(frozen=True)
@@ -64,7 +189,13 @@ def read_jsonl(jsonl: str | Path) -> tuple[list[Record], list[BadRecord]]:
             raise ValueError("; ".join(problems) + " (need file_name and text)")
         return Record(jsonl.parent / record["file_name"], record["text"].strip())
 
-    records, bad = parse_jsonl(jsonl, parse)
+    try:
+        records, bad = parse_jsonl(jsonl, parse)
+    except UnicodeDecodeError as err:
+        raise DataError(f"collection: {jsonl} is not UTF-8 text ({err}); a JSONL collection is UTF-8 JSON lines") \
+            from None
+    except OSError as err:
+        raise DataError(f"collection: cannot read {jsonl}: {err.strerror or err}") from None
     bad = [BadRecord(f"{jsonl} line {number}", problem) for number, problem in bad]
     if not records and not bad:
         raise DataError(f"collection: {jsonl} has no records")
@@ -102,7 +233,7 @@ def _load_batch(records: Sequence[Record]) -> tuple[list[Record], list[Image.Ima
     good, images, bad = [], [], []
     for record in records:
         try:
-            images.append(load_image(record.path))
+            images.append(read_image_file(record.path).image)
         except ImageError as err:
             bad.append(BadRecord(str(record.path), err.reason))
         else:

@@ -169,9 +169,19 @@ class OutputFolder:
         """Write the ``finished`` manifest last: ``{"files": [names relative to the folder], **info}``."""
         from personalize.utils.files import atomic_write_json
 
-        names = [str(Path(f).relative_to(self.path)) if Path(f).is_absolute() or str(f).startswith(str(self.path))
-                 else str(f) for f in files]
-        return atomic_write_json(self.path / self.finished, {"files": names, **info})
+        return atomic_write_json(self.path / self.finished, {"files": [self._name(f) for f in files], **info})
+
+    def _name(self, file: str | Path) -> str:
+        """A file's name relative to the folder: ``OUT/a/b.png`` or the relative ``a/b.png`` -> ``a/b.png``."""
+        file = Path(file)
+        for base in (self.path, self.path.absolute()):
+            try:
+                return str(file.relative_to(base))
+            except ValueError:
+                continue
+        if file.is_absolute():
+            raise ValueError(f"{file} is not inside {self.path}")
+        return str(file)
 
     @contextmanager
     def claim(self) -> Iterator["OutputFolder"]:
