@@ -220,7 +220,7 @@ def find_resume(resume_from: Optional[str], root: Path, method: str, config: dic
     if differences:
         raise CheckpointError(
             f"{checkpoint} belongs to another run: " + "; ".join(differences) + ". Use the checkpoint's settings, "
-            f"another train.output_dir, or drop train.resume to start from step 0")
+            "another train.output_dir, or drop train.resume to start from step 0")
     pickled = pickles_in(checkpoint)
     if pickled and not allow_pickle:
         raise CheckpointError(

@@ -54,16 +54,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from personalize.generate import build_pipeline, render, save_images
+    from personalize.generate import run
 
-    pipe = build_pipeline(args.base, lora=args.lora, embeddings=args.embeddings, token=args.token,
-                          allow_pickle=args.allow_pickle)
-    if args.lora_scale != 1.0 and args.lora:
-        pipe.fuse_lora(lora_scale=args.lora_scale)
-    images = render(None, [args.prompt], args.n, args.steps, args.guidance, args.seed, args.resolution,
-                    negative_prompt=args.negative_prompt, device=args.device, pipeline=pipe)
-    save_images(images, args.out)
-    return 0
+    return run(args)
 
 
 def cmd_demo(args) -> int:
@@ -114,22 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate images with a base model + LoRA / embeddings / DreamBooth output")
-    p.add_argument("--base", required=True, help="base model, or a DreamBooth output folder")
-    p.add_argument("--lora", help="folder or file with pytorch_lora_weights.safetensors (diffusers or kohya keys)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength")
-    p.add_argument("--embeddings", help="learned_embeds.safetensors (Textual Inversion) or its folder")
-    p.add_argument("--token", help="token for the embeddings (default: the one stored in the file)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt")
-    p.add_argument("-n", type=int, default=4, help="images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the pipeline's)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled base checkpoints")
-    p.add_argument("--out", default="outputs/generated", help="output folder")
+    from personalize.generate import __doc__ as generate_doc, add_arguments as add_generate_arguments
+
+    p = sub.add_parser("generate", help="generate images with a base model + LoRA / embeddings / DreamBooth output",
+                       description=generate_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="personalize the shipped toy model to a subject with each method and report",

@@ -147,28 +147,6 @@ def check_options(args) -> None:
         raise ConfigError(f"--index-root: {args.index_root} is not a folder")
 
 
-def check_device(name):
-    """``--device`` as a torch device that exists here (default: cuda if available, else cpu)."""
-    import torch
-
-    from personalize.errors import ConfigError
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"--device: {name!r} is not a device ({err}); e.g. cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device: {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device: {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device: {name}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device: {name}: not supported here; use cpu or cuda")
-    return name
 
 
 def given_references(args, spec) -> References:
@@ -229,16 +207,11 @@ def refuse_foreign_files(folder, names: list[str]) -> None:
     """A file this run would write must be absent or listed by the finished run it replaces (--overwrite)."""
     from personalize.errors import OutputError
 
-    previous = {os.path.abspath(f) for f in folder.previous_files()} if folder.overwrite else set()
     retrieved = folder.path / RETRIEVED
     if any(n.startswith(f"{RETRIEVED}/") for n in names) and os.path.lexists(retrieved) and (
             retrieved.is_symlink() or not retrieved.is_dir()):
         raise OutputError(f"--out: {retrieved} exists and is not a folder; move it, or choose another --out")
-    for name in names:
-        path = folder.path / name
-        if os.path.lexists(path) and os.path.abspath(path) not in previous:
-            raise OutputError(f"--out: {path} exists and was not written by an earlier zero-shot run (no "
-                              f"{MANIFEST} lists it); it would be overwritten. Move it, or choose another --out")
+    folder.refuse_foreign(names, "zero-shot")
 
 
 def write_outputs(out: Path, images: list, refs: References) -> list[Path]:
@@ -271,6 +244,7 @@ def write_outputs(out: Path, images: list, refs: References) -> list[Path]:
 def run(args) -> int:
     from personalize.incontext.model import read_spec
     from personalize.incontext.pipeline import InContextPipeline
+    from personalize.utils.device import resolve_device
     from personalize.utils.output_dir import OutputFolder
 
     check_options(args)
@@ -289,7 +263,7 @@ def run(args) -> int:
     names = planned_files(refs, args.n)
     folder.check()
     refuse_foreign_files(folder, names)
-    device = check_device(args.device)
+    device = resolve_device(args.device)
     pipe = InContextPipeline.from_pretrained(model, base=args.base or spec.base or "toy", device=device)
     with folder.claim():
         refuse_foreign_files(folder, names)  # again, under the lock

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from personalize.config import ConfigError, option
 from personalize.methods import register_method
 from personalize.methods.base import Method
@@ -109,6 +111,12 @@ class DreamBooth(Method):
 
     def export(self, models, out_dir: Path) -> list[Path]:
         pipe = models.pipeline()
+        # every component in fp32, so each config records float32: transformers 5 loads a text encoder in its
+        # config's dtype when none is given while diffusers loads the U-Net in fp32, and a folder whose
+        # components disagree fails in a plain `StableDiffusionPipeline.from_pretrained(out)` call
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module) and component.dtype != torch.float32:
+                component.to(torch.float32)
         pipe.save_pretrained(out_dir, safe_serialization=True)
         written = [out_dir / "model_index.json"]
         if self.options.export_single_file:

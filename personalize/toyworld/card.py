@@ -30,6 +30,15 @@ def ship(source: Path, target: Path = TOY_MODEL_DIR) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    # transformers 5 loads a model in its config's dtype when none is asked for, diffusers in fp32: without
+    # this, the plain StableDiffusionPipeline.from_pretrained(folder) mixes an fp16 text encoder with an
+    # fp32 U-Net. The weights stay fp16 on disk; they load as fp32.
+    encoder_config = tmp / "text_encoder" / "config.json"
+    config = json.loads(encoder_config.read_text())
+    config["dtype"] = "float32"
+    if "torch_dtype" in config:  # the name transformers 4 used
+        config["torch_dtype"] = "float32"
+    encoder_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (target / RUNS_NAME).is_file():
         shutil.copy2(target / RUNS_NAME, tmp / RUNS_NAME)
     shutil.rmtree(target, ignore_errors=True)

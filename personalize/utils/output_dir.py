@@ -165,6 +165,17 @@ class OutputFolder:
             f.unlink(missing_ok=True)
         return files
 
+    def refuse_foreign(self, names: Iterable[str], command: str) -> None:
+        """Each file this run would write (``names``, relative to the folder) must be absent, or listed by the
+        finished run it replaces (with ``overwrite``): a file ``command`` did not write is never replaced."""
+        previous = {os.path.abspath(f) for f in self.previous_files()} if self.overwrite else set()
+        for name in names:
+            path = self.path / name
+            if os.path.lexists(path) and os.path.abspath(path) not in previous:
+                raise OutputError(f"{self.option}: {path} exists and was not written by an earlier {command} run (no "
+                                  f"{self.finished} lists it); it would be overwritten. Move it, or choose another "
+                                  f"{self.option}")
+
     def write_manifest(self, files: Iterable[str | Path], **info) -> Path:
         """Write the ``finished`` manifest last: ``{"files": [names relative to the folder], **info}``."""
         from personalize.utils.files import atomic_write_json
