@@ -22,17 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from personalize.utils.arguments import positive_int
+
 TOY_MANIFEST = ".toy_collection.json"  # what --toy-collection wrote into COLLECTION
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def write_toy_collection(folder: Path, subjects: int, per_subject: int, overwrite: bool, progress: bool):

@@ -3,8 +3,8 @@
 
 Each ROW is a recipe (trained per subject with the project's trainer, then sampled) or a zero-shot
 method (``base``); each subject of a DreamBench-layout folder gets its 25 prompts x 4 images with fixed
-seeds. Writes results.json, report.md and report.html (image grids) in --out; a rerun skips finished
-(row, subject) pairs. The same as ``personalize eval``; see docs/evaluation.md.
+seeds. Writes results.json, report.md and report.html (image grids) in --out; a rerun skips (row, subject)
+pairs finished with the same settings and makes the others again. The same as ``personalize eval``; see docs/evaluation.md.
 
     python eval/dreambench.py dreambooth-lora-sd15 base --data /path/to/dreambench \\
         --base ./stable-diffusion-v1-5 --dino-weights ./dino-vits16 --clip-weights ./vit_base_patch32_clip_224.openai

@@ -6,7 +6,7 @@ For each selected held-out subject, each method personalizes the shipped toy mod
 renders (with the recipes in recipes/toy/), generates 20 prompts x N images with fixed seeds, and the
 judges score subject fidelity and prompt fidelity; rows base and ceiling (real renders) are added, and
 language drift (the bare class prompt after personalization) for every row with a model.
-A stopped run resumes: finished (subject, row) pairs are skipped.
+A stopped run resumes: (subject, row) pairs finished with the same settings are skipped, others made again.
 
     python eval/toybench.py                                  # docs/toybench.md: all 12 held-out subjects
     python eval/toybench.py --subjects zorbo --rows lora     # one subject, one row
@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from personalize.errors import UserError  # noqa: E402
 from personalize.eval import add_reference_arguments  # noqa: E402
 from personalize.toyworld.toybench import ROWS, run_toybench  # noqa: E402
 from personalize.toyworld.world import HELDOUT_NAMES, is_validation_name  # noqa: E402
@@ -57,13 +58,21 @@ def main(argv=None) -> int:
     if bad:
         parser.error(f"unknown subject or row: {', '.join(bad)}")
     command = "python eval/toybench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    files = run_toybench(subjects, rows, Path(args.out), n=args.n, steps=args.steps, drift_images=args.drift_images,
-                         guidance=args.guidance, ref_guidance=args.ref_guidance, bf16=args.bf16,
-                         references=args.references, ref_interval=args.ref_interval,
-                         caption_references=args.caption_references,
-                         doc=Path(args.doc) if args.doc else None, command=command.strip())
+    try:
+        files = _run(args, subjects, rows, command)
+    except UserError as err:  # a setting, subject or output folder this run cannot use: the message says which
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(files["markdown"].read_text())
     return 0
+
+
+def _run(args, subjects: list[str], rows: list[str], command: str) -> dict:
+    return run_toybench(subjects, rows, Path(args.out), n=args.n, steps=args.steps, drift_images=args.drift_images,
+                        guidance=args.guidance, ref_guidance=args.ref_guidance, bf16=args.bf16,
+                        references=args.references, ref_interval=args.ref_interval,
+                        caption_references=args.caption_references,
+                        doc=Path(args.doc) if args.doc else None, command=command.strip())
 
 
 if __name__ == "__main__":

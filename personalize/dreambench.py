@@ -115,9 +115,14 @@ def parse_prompts_file(path: str | Path) -> PromptLists:
 
 def _select_prompts(templates: list[str], indices: Optional[Sequence[int]]) -> list[EvalPrompt]:
     chosen = range(len(templates)) if indices is None else indices
+    if not chosen:
+        raise DataError("--prompts: give at least one prompt index (such as 0,10,20)")
+    twice = sorted({i for i in chosen if list(chosen).count(i) > 1})
+    if twice:
+        raise DataError(f"--prompts: prompt indices {twice} given more than once")
     bad = [i for i in chosen if not 0 <= i < len(templates)]
     if bad:
-        raise DataError(f"prompt indices {bad} out of range (0..{len(templates) - 1})")
+        raise DataError(f"--prompts: prompt indices {bad} out of range (0..{len(templates) - 1})")
     return [EvalPrompt(i, templates[i], prompt_kind(templates[i])) for i in chosen]
 
 
@@ -126,12 +131,16 @@ def load_dreambench(folder: str | Path, subjects: Optional[Sequence[str]] = None
     """The subjects of a DreamBench-layout folder that have photos (all, or the ones named), with their
     prompt lists (all 25, or ``prompt_indices`` of them)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--data: {folder} is not a folder (a DreamBench folder holds one folder of photos per "
+                        f"subject and {PROMPTS_FILE})")
     lists = parse_prompts_file(folder / PROMPTS_FILE)
     present = [name for name in lists.classes if (folder / name).is_dir()]
     if subjects is not None:
         missing = [s for s in subjects if s not in present]
         if missing:
-            raise DataError(f"{folder}: no photos of {', '.join(missing)} (subjects here: {', '.join(present)})")
+            raise DataError(f"--subjects: {folder}: no photos of {', '.join(missing)} "
+                            f"(subjects here: {', '.join(present)})")
         present = [s for s in present if s in subjects]
     if not present:
         raise DataError(f"{folder}: none of the subjects in {PROMPTS_FILE} has a folder of photos")
@@ -148,23 +157,40 @@ def load_dreambench(folder: str | Path, subjects: Optional[Sequence[str]] = None
     return out
 
 
+def find_toy_subjects(names: Sequence[str], prompt_indices: Optional[Sequence[int]] = None) -> list:
+    """The toy-world subjects (``personalize.toyworld.Subject``) named: held-out ones or validation ones
+    (``val-N``); unknown names (``--toy``) and prompt indices (``--prompts``) are refused, nothing is written."""
+    from personalize.toyworld.toybench import toybench_prompts
+    from personalize.toyworld.world import heldout_subjects, is_validation_name, validation_subject
+
+    if not names:
+        raise DataError("--toy: name at least one toy subject (such as zorbo), or 'all'")
+    by_name = {s.name: s for s in heldout_subjects()}
+    by_name.update({n: validation_subject(n) for n in names if is_validation_name(n)})
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DataError(f"--toy: unknown toy subjects {', '.join(unknown)}; held-out subjects: "
+                        f"{', '.join(s.name for s in heldout_subjects())}; validation subjects: val-0, val-1, ...")
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise DataError(f"--toy: {', '.join(twice)} named more than once")
+    found = [by_name[n] for n in names]
+    for subject in found:
+        _select_prompts([p.template for p in toybench_prompts(subject)], prompt_indices)
+    return found
+
+
 def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optional[Sequence[int]] = None,
                  n_references: int = 4) -> list[BenchSubject]:
     """Held-out toy-world subjects (or validation subjects ``val-N``, for choosing settings) as benchmark
     subjects: their reference renders are written to ``folder/<name>/`` and their prompts are ToyBench's
     (same kinds as DreamBench)."""
     from personalize.toyworld.toybench import reference_specs, toybench_prompts, write_references
-    from personalize.toyworld.world import caption, heldout_subjects, is_validation_name, validation_subject
+    from personalize.toyworld.world import caption
 
-    by_name = {s.name: s for s in heldout_subjects()}
-    by_name.update({n: validation_subject(n) for n in names if is_validation_name(n)})
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise DataError(f"unknown toy subjects {', '.join(unknown)}; held-out subjects: "
-                        f"{', '.join(s.name for s in heldout_subjects())}; validation subjects: val-0, val-1, ...")
+    found = find_toy_subjects(names, prompt_indices)
     out = []
-    for name in names:
-        subject = by_name[name]
+    for name, subject in zip(names, found):
         toy_prompts = toybench_prompts(subject)
         prompts = [EvalPrompt(p.index, p.template, p.kind, toy_prompts[p.index])
                    for p in _select_prompts([t.template for t in toy_prompts], prompt_indices)]

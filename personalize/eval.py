@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     met.add_argument("--clip-weights", help="CLIP ViT-B/32 OpenAI weights: an open_clip .safetensors/.bin file or "
                                             "its folder (default timm/vit_base_patch32_clip_224.openai from the cache)")
     met.add_argument("--judges", help="toy judges file (default: the shipped one)")
+    met.add_argument("--allow-pickle", action="store_true",
+                     help="trust pickled --dino-weights / --clip-weights (.bin, .pt: loading a pickle can run code); "
+                          "they are then read with torch.load(weights_only=True). Default: safetensors only")
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs/eval", help="work folder: images, per-subject results, the report")
     out.add_argument("--title", help="report title (default DreamBench or ToyBench)")
@@ -100,24 +103,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from personalize.harness import EvalSettings, launch_state, run_benchmark
-    from personalize.rows import build_row
+    """Check every argument, the output folder and the metric weights before any model trains or
+    generates (each refusal names its option: a :class:`UserError`, exit code 2, nothing written); then
+    run the benchmark. ``--report-only`` rewrites the report from the results in ``--out``."""
+    from personalize.errors import ConfigError, OutputError
+    from personalize.harness import EvalSettings, check_out, launch_state, run_benchmark
     from personalize.report import write_report
+    from personalize.utils.output_dir import check_writable, refuse_inputs_inside
 
     if args.report_only:
-        files = write_report(Path(args.out))
+        out = Path(args.out)
+        if not out.is_dir():
+            raise OutputError(f"--out: {out} is not a folder of results (--report-only rewrites the report from "
+                              "the results an earlier `personalize eval --out FOLDER` left there)")
+        check_writable(out, "--out")
+        files = write_report(out)
         print("\n".join(f"wrote {path}" for path in files.values()))
         return 0
     if bool(args.data) == bool(args.toy):
-        print("error: give one of --data FOLDER (DreamBench layout) or --toy NAMES", file=sys.stderr)
-        return 2
-    state = launch_state()  # before the metrics or a method touch a GPU
+        raise ConfigError("give one of --data FOLDER (DreamBench layout) or --toy NAMES")
     if not args.rows:
-        print("error: name at least one ROW (a recipe such as tiny/lora, or a zero-shot method: base)", file=sys.stderr)
-        return 2
-    from personalize.dreambench import load_dreambench, toy_subjects
-    from personalize.metrics import load_metrics
-
+        raise ConfigError("name at least one ROW (a recipe such as tiny/lora, or a zero-shot method: base)")
+    kind = args.metrics or ("toy" if args.toy else "dreambench")
+    for option, value, kinds in (("--judges", args.judges, ("toy",)), ("--dino-weights", args.dino_weights,
+                                 ("dreambench",)), ("--clip-weights", args.clip_weights, ("dreambench",))):
+        if value and kind not in kinds:
+            raise ConfigError(f"{option}: used only with --metrics {kinds[0]}, and these metrics are {kind}")
+    state = launch_state()  # before the metrics, a method or a settings check touch a GPU
     settings = EvalSettings(out=args.out, images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                             guidance=args.guidance, ref_guidance=args.ref_guidance, bf16=args.bf16,
                             references=args.references, ref_interval=args.ref_interval,
@@ -125,12 +137,17 @@ def run(args) -> int:
                             batch_size=args.batch_size, resolution=args.resolution,
                             token=args.token, keep_weights=args.keep_weights, device=args.device,
                             caption_references=args.caption_references,
-                            title=args.title or ("ToyBench" if args.toy else "DreamBench"))
+                            title=args.title or ("ToyBench" if args.toy else "DreamBench")).check()
+    out = check_out(args.out)
+    refuse_inputs_inside(out, "--out", {"--data": [args.data] if args.data else []})
+    from personalize.dreambench import find_toy_subjects, load_dreambench, toy_subjects
+    from personalize.metrics import load_metrics
+    from personalize.rows import build_row
+
     rows = [build_row(spec, args.base, args.set) for spec in args.rows]
     labels = [r.label for r in rows]
     if len(set(labels)) != len(labels):
-        print(f"error: rows need distinct labels (got {', '.join(labels)}); name them LABEL=RECIPE", file=sys.stderr)
-        return 2
+        raise ConfigError(f"rows need distinct labels (got {', '.join(labels)}); name them LABEL=RECIPE")
     recipe_base = next((r.base for r in rows if r.kind == "fine-tune"), None)
     for r in rows:  # a zero-shot row without --base: the first recipe's base model (or the toy model)
         if r.kind == "zero-shot" and not r.base:
@@ -140,12 +157,19 @@ def run(args) -> int:
 
         names = list(HELDOUT_NAMES) if args.toy == ["all"] else args.toy
         if args.subjects:
+            missing = [n for n in args.subjects if n not in names]
+            if missing:
+                raise ConfigError(f"--subjects: {', '.join(missing)} not among the --toy subjects ({', '.join(names)})")
             names = [n for n in names if n in args.subjects]
-        subjects, data = toy_subjects(names, Path(args.out) / "toy-subjects", args.prompts), "toy world"
+        find_toy_subjects(names, args.prompts)  # refuses bad names and prompts; references are written later
+        subjects, data = [], "toy world"
     else:
         subjects, data = load_dreambench(args.data, args.subjects, args.prompts), str(args.data)
-    metrics = load_metrics(args.metrics or ("toy" if args.toy else "dreambench"), args.dino_weights,
-                           args.clip_weights, args.judges, args.device)
+    for r in rows:
+        r.check(subjects)
+    metrics = load_metrics(kind, args.dino_weights, args.clip_weights, args.judges, args.device, args.allow_pickle)
+    if args.toy:
+        subjects = toy_subjects(names, out / "toy-subjects", args.prompts)
     files = run_benchmark(subjects, rows, metrics, settings, state, log=lambda m: print(m, flush=True), data=data)
     print(files["markdown"].read_text())
     print("\n".join(f"wrote {path}" for path in files.values()))

@@ -4,17 +4,21 @@ images with :class:`~personalize.metrics.SubjectMetrics`, write the report (:mod
 For each subject and row: ``len(prompts) x images_per_prompt`` images, image ``j`` of every prompt
 with seed ``seed + j`` (the same seeds for every row), scored by each metric. Per (row, subject) the
 harness records training and generation seconds and peak memory and writes
-``<out>/<row>/<subject>/result.json`` last: a rerun skips what has one, and a subject whose training
-finished but whose generation did not is not trained again (``train.resume=auto`` continues a stopped
-training from its checkpoint). Several processes (``accelerate launch --num_processes K``) share the
-subjects round robin; each trains alone on its own GPU, and each rewrites the report from the result
-files when it is done, so the last one to finish writes the whole table.
+``<out>/<row>/<subject>/result.json`` last, with ``made_with``: everything its numbers depend on (the
+row's settings and recipe or model, the prompts, the subject's photos, the metrics). A rerun skips a
+result made with what it would use now, and makes one made otherwise again, logging what changed (the
+harness replaces only its own files: that result's images and the row's training folder). A subject
+whose training finished with the same settings but whose generation did not is not trained again
+(``train.resume=auto`` continues a stopped training from its checkpoint). Several processes
+(``accelerate launch --num_processes K``) share the subjects round robin; each trains alone on its own
+GPU, and each rewrites the report from the result files when it is done, so the last one to finish
+writes the whole table.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,8 +28,12 @@ from typing import Optional, Sequence
 import torch
 
 from personalize.dreambench import BenchSubject, LaunchState, shard
+from personalize.errors import ConfigError, OutputError
 from personalize.metrics import SubjectMetrics, copy_paste_rate, metric_names
-from personalize.rows import Log, PeakMemory, Row, _free_memory, _write_json
+from personalize.rows import (
+    Log, PeakMemory, Row, _free_memory, _write_json, as_json, changes, file_digests, read_json,
+)
+from personalize.utils.files import save_image
 
 logger = logging.getLogger("personalize.eval")
 
@@ -60,31 +68,106 @@ class EvalSettings:
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def check(self) -> "EvalSettings":
+        """Refuse settings no run can use, naming the command-line option (:class:`ConfigError`)."""
+        def need(ok: bool, option: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{option}: {message}")
+
+        need(self.images_per_prompt >= 1, "-n/--images-per-prompt",
+             f"give 1 or more images per prompt (got {self.images_per_prompt})")
+        need(self.steps >= 1, "--steps", f"give 1 or more sampling steps (got {self.steps})")
+        need(self.batch_size >= 1, "--batch-size", f"give 1 or more images per pipeline call (got {self.batch_size})")
+        need(self.drift_images == 0 or self.drift_images >= 2, "--drift-images",
+             f"give 0 (off) or 2 or more images (they are also compared among themselves; got {self.drift_images})")
+        need(self.references >= 0, "--references", f"give 0 (the model's own count) or more (got {self.references})")
+        need(self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0), "--resolution",
+             f"give a positive multiple of 8 (got {self.resolution})")
+        need(math.isfinite(self.guidance), "--guidance", f"give a finite number (got {self.guidance})")
+        need(self.ref_guidance is None or math.isfinite(self.ref_guidance), "--ref-guidance",
+             f"give a finite number (got {self.ref_guidance})")
+        try:
+            device = torch.device(self.device) if self.device else None
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(f"--device: {self.device!r} is not a device ({err}); give cpu, cuda, cuda:1, ..."
+                              ) from None
+        if device is not None and device.type == "cuda":
+            need(torch.cuda.is_available(), "--device", f"{self.device}: this machine has no CUDA device; give cpu")
+            need(device.index is None or device.index < torch.cuda.device_count(), "--device",
+                 f"{self.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return self
+
 
 # -- one subject ----------------------------------------------------------------------------------
 
+def references_made_with(subject: BenchSubject, metrics: Sequence[SubjectMetrics], thumbnail: int) -> dict:
+    """What the real-images row of a subject depends on: its photos, the metrics, the thumbnail size."""
+    return as_json({"metrics": [m.describe() for m in metrics], "thumbnail": thumbnail,
+                    "references": file_digests(subject.references)})
+
+
+def result_made_with(row: Row, subject: BenchSubject, metrics: Sequence[SubjectMetrics],
+                     settings: EvalSettings) -> dict:
+    """Everything the numbers of (``row``, ``subject``) depend on; ``prompt_templates`` and ``references``
+    are the subject's own, the rest is the same for every subject of a row (:mod:`personalize.report`
+    groups results by it)."""
+    return as_json({"row": row.made_with(settings), "prompts": [p.index for p in subject.prompts],
+                    "metrics": [m.describe() for m in metrics],
+                    "prompt_templates": [p.template for p in subject.prompts],
+                    "references": file_digests(subject.references)})
+
+
+def _earlier(result_file: Path, made_with: dict, what: str, log: Log) -> tuple[Optional[dict], Optional[dict]]:
+    """(the earlier result if it was made with ``made_with``, else None; the earlier result made otherwise,
+    whose result file is then removed: until it is made again the pair is pending, not stale)."""
+    if not result_file.is_file():
+        return None, None
+    earlier = read_json(result_file)
+    if earlier is not None and earlier.get("made_with") == made_with:
+        return earlier, None
+    why = "; ".join(changes(earlier.get("made_with"), made_with)) if earlier is not None else "unreadable"
+    log(f"{what}: made earlier with other settings ({why}); making it again")
+    result_file.unlink()
+    return None, earlier
+
+
+def _remove_listed(earlier: Optional[dict], keep: Sequence[str], folder: Path, out: Path, files) -> None:
+    """Remove the files ``earlier`` (a result this harness wrote) listed that the new result does not: only
+    regular files inside ``folder``."""
+    if not earlier:
+        return
+    for name in files(earlier):
+        path = out / str(name)
+        if name not in keep and path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(
+                folder.resolve()):
+            path.unlink()
+
+
 def prepare_references(subject: BenchSubject, metrics: Sequence[SubjectMetrics], settings: EvalSettings,
-                       thumbnail: int = 256) -> dict:
-    """Thumbnails for the report and the real-images row (references against each other), once."""
+                       thumbnail: int = 256, log: Log = logger.info) -> dict:
+    """Thumbnails for the report and the real-images row (references against each other), once per
+    photos and metrics."""
     from personalize.metrics import as_pil
 
     folder = settings.out_dir / "references" / subject.slug
     result_file = folder / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    made_with = references_made_with(subject, metrics, thumbnail)
+    done, stale = _earlier(result_file, made_with, f"{subject.name}: references", log)
+    if done is not None:
+        return done
     images = [as_pil(p) for p in subject.references]
     thumbs = []
+    folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        path = folder / f"{i:02d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
         small = image.copy()
         small.thumbnail((thumbnail, thumbnail))
-        small.save(path, quality=90)
-        thumbs.append(path.relative_to(settings.out_dir).as_posix())
+        thumbs.append(save_image(small, folder / f"{i:02d}.jpg").relative_to(settings.out_dir).as_posix())
     scores = {m.image_metric: m.reference_similarity(images) for m in metrics if m.image_metric and len(images) > 1}
     result = {"subject": subject.name, "class": subject.class_noun, "live": subject.live,
-              "references": [str(p) for p in subject.references], "thumbnails": thumbs, "scores": scores}
+              "references": [str(p) for p in subject.references], "thumbnails": thumbs, "scores": scores,
+              "made_with": made_with}
     _write_json(result_file, result)
+    _remove_listed(stale, thumbs, folder, settings.out_dir, lambda r: r.get("thumbnails", []))
     return result
 
 
@@ -107,14 +190,17 @@ def summarize_prompts(per_prompt: list[dict], names: Sequence[str]) -> dict:
 
 def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectMetrics], settings: EvalSettings,
                      log: Log = logger.info) -> dict:
-    """Personalize (if the row does), generate, score and record one subject; skip it if already done."""
+    """Personalize (if the row does), generate, score and record one subject; skip it if done earlier
+    with the same ``made_with`` (:func:`result_made_with`), make it again if done otherwise."""
     from personalize.metrics import as_pil
 
     work_dir = settings.out_dir / row.label / subject.slug
     result_file = work_dir / "result.json"
-    if result_file.is_file():
-        log(f"{subject.name}: {row.label}: done earlier, skipped")
-        return json.loads(result_file.read_text())
+    made_with = result_made_with(row, subject, metrics, settings)
+    done, stale = _earlier(result_file, made_with, f"{subject.name}: {row.label}", log)
+    if done is not None:
+        log(f"{subject.name}: {row.label}: done earlier with these settings, skipped")
+        return done
     device = settings.torch_device()
     stats = row.prepare(subject, work_dir, settings, log)
     log(f"{subject.name}: {row.label}: generating {len(subject.prompts)} prompts x {settings.images_per_prompt} ...")
@@ -127,10 +213,9 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
     per_prompt = []
     for prompt, text, group in zip(subject.prompts, texts, images):
         paths = []
+        (work_dir / "images").mkdir(parents=True, exist_ok=True)
         for j, image in enumerate(group):
-            path = work_dir / "images" / f"p{prompt.index:02d}-{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            as_pil(image).save(path)
+            path = save_image(as_pil(image), work_dir / "images" / f"p{prompt.index:02d}-{j}.png")
             paths.append(path.relative_to(settings.out_dir).as_posix())
         metric_prompt = prompt.text(subject.class_noun)  # the class noun, never the unique token
         scores = {}
@@ -146,8 +231,10 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
               "train_seconds": stats.get("train_seconds"), "generate_seconds": generate_seconds,
               "peak_memory_train_mib": stats.get("peak_memory_train_mib"), "peak_memory_generate_mib": peak.mib,
               "memory": peak.kind, "device": str(device), "stats": stats, "copy_paste_rate": copy_paste,
-              **({"drift": drift} if drift else {})}
+              **({"drift": drift} if drift else {}), "made_with": made_with}
     _write_json(result_file, result)
+    _remove_listed(stale, [p for q in per_prompt for p in q["images"]], work_dir / "images", settings.out_dir,
+                   lambda r: [p for q in r.get("prompts", []) if isinstance(q, dict) for p in q.get("images", [])])
     row.cleanup(work_dir, settings)
     log(f"{subject.name}: {row.label}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["mean"].items()))
     return result
@@ -197,14 +284,40 @@ def launch_state() -> LaunchState:
     return state
 
 
+HARNESS_FILES = ("plan.json", "results.json", "report.md", "report.html")
+
+
+def check_out(out: str | Path, option: str = "--out") -> Path:
+    """``out`` can take the harness's files: a writable folder (or one that can be made) that is empty,
+    new, or holds an earlier run of the harness (its ``plan.json``); a folder holding a ``results.json``
+    or a report without a plan holds files this harness did not write, and is refused."""
+    from personalize.utils.output_dir import check_writable
+
+    out = check_writable(out, option)
+    plan = out / HARNESS_FILES[0]
+    if plan.exists():
+        earlier = read_json(plan) if plan.is_file() else None
+        if earlier is None or not {"rows", "subjects", "metrics"} <= set(earlier):
+            raise OutputError(f"{option}: {plan} was not written by personalize eval; choose another {option}")
+    else:
+        foreign = [name for name in HARNESS_FILES[1:] if (out / name).exists()]
+        if foreign:
+            raise OutputError(f"{option}: {out} holds {', '.join(foreign)} but no plan.json: files personalize eval "
+                              f"did not write, which it would overwrite; choose another {option}")
+    return out
+
+
 def run_benchmark(subjects: Sequence[BenchSubject], rows: Sequence[Row], metrics: Sequence[SubjectMetrics],
                   settings: EvalSettings, state=None, log: Log = logger.info, data: str = "") -> dict[str, Path]:
     """Evaluate every row on this process's share of ``subjects``; write the report files."""
     from personalize.report import write_report
 
+    settings.check()
+    for row in rows:
+        row.check(subjects)
     if state is None:
         state = launch_state()
-    out = settings.out_dir
+    out = check_out(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = {"title": settings.title, "data": data, "settings": asdict(settings),
             "subjects": [{"name": s.name, "slug": s.slug, "class": s.class_noun, "live": s.live,
@@ -216,7 +329,7 @@ def run_benchmark(subjects: Sequence[BenchSubject], rows: Sequence[Row], metrics
         settings = replace(settings, class_images_suffix=f"-rank{state.process_index}")
         log(f"process {state.process_index} of {state.num_processes}: subjects {', '.join(s.name for s in mine)}")
     for subject in mine:
-        prepare_references(subject, metrics, settings)
+        prepare_references(subject, metrics, settings, log=log)
         for row in rows:
             evaluate_subject(row, subject, metrics, settings, log)
     return write_report(out)

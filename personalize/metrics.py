@@ -14,7 +14,11 @@ bicubic, center crop 224, CLIP mean/std).
 
 A :class:`SubjectMetrics` answers ``image_similarity(generated, references)`` and
 ``text_similarity(images, prompts)``; each names the column it fills (``image_metric``,
-``text_metric``). :class:`personalize.toyworld.judge_metrics.ToyJudgeMetrics` puts ToyBench's judges
+``text_metric``) and the weights it scores with (``describe()``, stored with every result).
+
+Weights are read from safetensors; a pickled checkpoint (``.bin``, ``.pt``: loading one can run code)
+is refused unless the user trusts it with ``allow_pickle`` (``--allow-pickle``), and is then read with
+``torch.load(weights_only=True)``. :class:`personalize.toyworld.judge_metrics.ToyJudgeMetrics` puts ToyBench's judges
 behind the same interface, so one harness scores DreamBench and the toy world.
 """
 
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from personalize.models.loading import ModelLoadError, _offline_message
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 DINO_REPO = "facebook/dino-vits16"
 CLIP_MODEL = "ViT-B-32"
@@ -91,10 +97,15 @@ class SubjectMetrics(ABC):
 
     image_metric: Optional[str] = None
     text_metric: Optional[str] = None
+    weights: Optional[str] = None  # what the metric scores with (a file, a folder, "tiny random"), for the record
 
     @property
     def names(self) -> list[str]:
         return [n for n in (self.image_metric, self.text_metric) if n]
+
+    def describe(self) -> dict:
+        """What the scores depend on: the metric, its columns and its weights (stored with each result)."""
+        return {"metric": type(self).__name__, "columns": self.names, "weights": self.weights}
 
     def embed_images(self, images: Sequence) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not embed images")
@@ -179,16 +190,37 @@ class DinoMetric(_EncoderMetrics):
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
     @classmethod
-    def load(cls, weights: Optional[str] = None, device=None) -> "DinoMetric":
-        """``weights``: a local folder saved by transformers, or a hub id (default facebook/dino-vits16)."""
+    def load(cls, weights: Optional[str] = None, device=None, allow_pickle: bool = False) -> "DinoMetric":
+        """``weights``: a local folder saved by transformers, or a hub id (default facebook/dino-vits16).
+        The folder's ``model.safetensors`` is read; its ``pytorch_model.bin`` (a pickle) only with
+        ``allow_pickle``."""
         from transformers import ViTModel
 
         folder = resolve_weights(weights, DINO_REPO, "--dino-weights")
+        if not folder.is_dir():
+            raise MetricWeightsError(f"--dino-weights: {folder} is a file; give the folder transformers saved "
+                                     "(config.json and model.safetensors) or a hub id")
+        if not any(folder.glob("*.safetensors")) and not allow_pickle:
+            pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            raise MetricWeightsError(
+                f"--dino-weights: {folder} has no .safetensors weights" + (
+                    f", only {', '.join(pickled)}: a pickle, which can run code when loaded. Convert it to "
+                    "safetensors (facebook/dino-vits16 has model.safetensors at revision refs/pr/1: `hf download "
+                    "facebook/dino-vits16 --revision refs/pr/1`), or pass --allow-pickle if you trust it"
+                    if pickled else ""))
         try:
-            model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False)
-        except (OSError, ValueError) as err:
-            raise MetricWeightsError(f"--dino-weights: could not load a DINO ViT from {folder}: {err}") from None
-        return cls(model, device)
+            model, info = ViTModel.from_pretrained(str(folder), add_pooling_layer=False, output_loading_info=True,
+                                                   use_safetensors=None if allow_pickle else True)
+        except Exception as err:  # transformers' errors for a damaged or foreign folder vary by version
+            raise MetricWeightsError(f"--dino-weights: could not load a DINO ViT from {folder}: "
+                                     f"{_first_line(err)}") from None
+        missing = info.get("missing_keys") or []
+        if missing:  # transformers would leave them random: scores from such a model mean nothing
+            raise MetricWeightsError(f"--dino-weights: {folder} is not a DINO ViT: its weights lack {len(missing)} of "
+                                     f"the model's tensors ({', '.join(sorted(missing)[:3])}, ...)")
+        metric = cls(model, device)
+        metric.weights = str(folder)
+        return metric
 
 
 # -- CLIP -----------------------------------------------------------------------------------------
@@ -210,32 +242,48 @@ class ClipMetric(_EncoderMetrics):
         return self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float().cpu()
 
     @classmethod
-    def load(cls, weights: Optional[str] = None, model_name: str = CLIP_MODEL, device=None) -> "ClipMetric":
-        """``weights``: an open_clip checkpoint (.safetensors, or a .bin state dict), a folder holding
-        one, or None for the OpenAI weights of ViT-B/32 (from the Hugging Face cache or the hub)."""
+    def load(cls, weights: Optional[str] = None, model_name: str = CLIP_MODEL, device=None,
+             allow_pickle: bool = False) -> "ClipMetric":
+        """``weights``: an open_clip checkpoint (.safetensors; a .bin state dict only with ``allow_pickle``),
+        a folder holding one, or None for the OpenAI weights of ViT-B/32 (from the Hugging Face cache or the
+        hub)."""
         import open_clip
 
+        files = CLIP_FILES if allow_pickle else CLIP_FILES[:1]
         if weights is None and model_name == CLIP_MODEL:
-            path = resolve_weights(None, CLIP_REPO, "--clip-weights", files=CLIP_FILES)
+            path = resolve_weights(None, CLIP_REPO, "--clip-weights", files=files)
         elif weights is None:
             raise MetricWeightsError(f"--clip-weights: {model_name} has no default weights; pass a checkpoint")
         else:
-            path = resolve_weights(weights, CLIP_REPO, "--clip-weights", files=CLIP_FILES)
+            path = resolve_weights(weights, CLIP_REPO, "--clip-weights", files=files)
         if path.is_dir():
-            found = [path / f for f in CLIP_FILES if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
+            found = [path / f for f in files if (path / f).is_file()] or sorted(path.glob("*.safetensors"))
             if not found:
-                raise MetricWeightsError(f"--clip-weights: {path} holds none of {', '.join(CLIP_FILES)}")
+                raise MetricWeightsError(f"--clip-weights: {path} holds none of {', '.join(files)}" + (
+                    " (pickled .bin weights are read only with --allow-pickle)" if not allow_pickle else ""))
             path = found[0]
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise MetricWeightsError(f"--clip-weights: {path} is not a .safetensors file; a pickled checkpoint can "
+                                     "run code when loaded. Convert it to safetensors, or pass --allow-pickle if you "
+                                     "trust it (it is then read with torch.load(weights_only=True))")
         try:  # the OpenAI weights were trained with QuickGELU; open_clip's ViT-B-32 config does not say so
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=str(path), force_quick_gelu=True, weights_only=True)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise MetricWeightsError(f"--clip-weights: could not load {model_name} weights from {path}: {err}"
-                                     ) from None
-        return cls(model, preprocess, open_clip.get_tokenizer(model_name), device)
+        except Exception as err:  # safetensors, torch's weights-only unpickler, state-dict mismatches
+            raise MetricWeightsError(f"--clip-weights: could not load {model_name} weights from {path}: "
+                                     f"{_first_line(err)}") from None
+        metric = cls(model, preprocess, open_clip.get_tokenizer(model_name), device)
+        metric.weights = str(path)
+        return metric
 
 
 # -- weights --------------------------------------------------------------------------------------
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message, its first line cut to ``limit`` characters (state-dict errors list every key)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 def _offline() -> bool:
     flags = (os.environ.get(k, "0").lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -296,7 +344,9 @@ def tiny_dino(seed: int = 0, device=None) -> DinoMetric:
         torch.manual_seed(seed)
         model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
-    return DinoMetric(model, device)
+    metric = DinoMetric(model, device)
+    metric.weights = f"tiny random, seed {seed}"
+    return metric
 
 
 TINY_CLIP_CONFIG = {"embed_dim": 32, "quick_gelu": True,
@@ -313,7 +363,9 @@ def tiny_clip(seed: int = 0, device=None) -> ClipMetric:
         torch.manual_seed(seed)
         model = CLIP(**TINY_CLIP_CONFIG)
     preprocess = open_clip.image_transform(TINY_CLIP_CONFIG["vision_cfg"]["image_size"], is_train=False)
-    return ClipMetric(model, preprocess, open_clip.get_tokenizer(CLIP_MODEL), device)
+    metric = ClipMetric(model, preprocess, open_clip.get_tokenizer(CLIP_MODEL), device)
+    metric.weights = f"tiny random, seed {seed}"
+    return metric
 
 
 # -- building the metrics a benchmark asks for ------------------------------------------------------
@@ -322,10 +374,10 @@ METRIC_SETS = ("dreambench", "toy", "tiny")
 
 
 def load_metrics(kind: str = "dreambench", dino_weights: Optional[str] = None, clip_weights: Optional[str] = None,
-                 judges: Optional[str] = None, device=None) -> list[SubjectMetrics]:
+                 judges: Optional[str] = None, device=None, allow_pickle: bool = False) -> list[SubjectMetrics]:
     """DreamBench's DINO + CLIP metrics, the toy-world judges, or tiny random stand-ins of DINO + CLIP
     (``tiny``: the same code paths offline, meaningless numbers). Every missing weight file is named in
-    one error."""
+    one error; ``allow_pickle``: the user trusts pickled DINO / CLIP weights."""
     if kind == "toy":
         from personalize.toyworld.judge_metrics import ToyJudgeMetrics
 
@@ -335,7 +387,8 @@ def load_metrics(kind: str = "dreambench", dino_weights: Optional[str] = None, c
     if kind != "dreambench":
         raise ValueError(f"unknown metric set {kind!r}; choose from {', '.join(METRIC_SETS)}")
     metrics, errors = [], []
-    for load in (lambda: DinoMetric.load(dino_weights, device), lambda: ClipMetric.load(clip_weights, device=device)):
+    for load in (lambda: DinoMetric.load(dino_weights, device, allow_pickle),
+                 lambda: ClipMetric.load(clip_weights, device=device, allow_pickle=allow_pickle)):
         try:
             metrics.append(load())
         except MetricWeightsError as err:

@@ -8,25 +8,30 @@
   registered by name with :func:`register_zero_shot` (checked, no duplicates): ``base`` (the base model
   prompted with the class noun) and ``renders`` (toy world: real renders, the ceiling) are built in.
 
-Every row makes image ``j`` of every prompt with a CPU generator seeded ``seed + j``.
+Every row makes image ``j`` of every prompt with a CPU generator seeded ``seed + j``. Each row says what
+its images depend on (:meth:`Row.made_with`: the settings it reads, its recipe or model); the harness
+stores that with every result and makes a result again when a rerun's answer differs.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
-import os
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 
 from personalize.dreambench import BenchSubject
+from personalize.errors import ConfigError
+from personalize.utils.files import atomic_write_json
 
 if TYPE_CHECKING:
     from personalize.harness import EvalSettings
@@ -36,9 +41,50 @@ Log = Callable[[str], None]
 
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON object this harness wrote earlier, or None when ``path`` is missing or unreadable (then the
+    harness makes it again)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": leaf}`` (lists are leaves)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def changes(old: Optional[dict], new: dict) -> list[str]:
+    """What differs between two ``made_with`` records, as ``key: old -> new`` (short)."""
+    if old is None:
+        return ["not recorded (made by an earlier version)"]
+    a, b = flat(old), flat(new)
+
+    def short(v) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{k}: {short(a.get(k))} -> {short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def file_digests(paths: Sequence[Path]) -> list[str]:
+    """``name:sha256[:16]`` of each file: what the numbers of a subject depend on in its photos."""
+    return [f"{Path(p).name}:{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]}" for p in paths]
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so records compare equal after a rerun."""
+    return json.loads(json.dumps(value))
 
 
 def slug(text: str) -> str:
@@ -92,9 +138,20 @@ def generate_images(pipe, texts: Sequence[str], n: int, settings: EvalSettings,
 # -- rows -----------------------------------------------------------------------------------------
 
 class Row:
-    """One row of the table. ``prepare`` personalizes (or does nothing), ``generate`` makes the images."""
+    """One row of the table. ``prepare`` personalizes (or does nothing), ``generate`` makes the images.
+    ``made_with`` names what the images depend on; ``generation_keys`` are the settings it reads."""
     label: str
     kind: str
+    generation_keys: tuple[str, ...] = ("images_per_prompt", "seed")
+
+    def check(self, subjects: Sequence[BenchSubject]) -> None:
+        """Refuse, before any work, subjects or settings this row cannot run (:class:`ConfigError`)."""
+
+    def made_with(self, settings: EvalSettings) -> dict:
+        """What this row's images depend on besides the subject (its photos and prompts): the settings it
+        reads and its method. A rerun whose answer differs makes the images again."""
+        return as_json({**{k: v for k, v in self.describe().items() if k != "label"},
+                        "generation": {k: getattr(settings, k) for k in self.generation_keys}})
 
     def prepare(self, subject: BenchSubject, work_dir: Path, settings: EvalSettings, log: Log) -> dict:
         return {}
@@ -118,6 +175,7 @@ class FineTuneRow(Row):
     """Personalize with the trainer and ``recipe`` (plus ``overrides``), then generate from the export."""
 
     kind = "fine-tune"
+    generation_keys = ("images_per_prompt", "seed", "steps", "guidance", "resolution", "token", "drift_images")
 
     def __init__(self, recipe: str, overrides: Sequence[str] = (), label: Optional[str] = None):
         from personalize.cli import resolve_recipe
@@ -131,6 +189,34 @@ class FineTuneRow(Row):
     def describe(self) -> dict:
         return {**super().describe(), "recipe": str(self.recipe), "method": self.config.method,
                 "base": self.base, "overrides": list(self.overrides)}
+
+    def recipe_name(self) -> str:
+        """The recipe as `personalize recipes` names it (``tiny/lora``), or its path."""
+        from personalize.cli import RECIPES_DIR
+
+        try:
+            return self.recipe.resolve().relative_to(RECIPES_DIR).with_suffix("").as_posix()
+        except ValueError:
+            return str(self.recipe)
+
+    def training_made_with(self, settings: EvalSettings) -> dict:
+        """What the trained weights depend on besides the subject's photos: the recipe as loaded with the
+        user's overrides (keys that do not change what a run computes left out), how the prompts name the
+        subject, captioned references and the resolution."""
+        from personalize.checkpointing import RUN_INDEPENDENT
+
+        config = {k: v for k, v in flat(self.config.to_dict()).items()
+                  if not (k in RUN_INDEPENDENT or k.startswith(RUN_INDEPENDENT))}
+        return as_json({"config": config, "words": self.placeholder() or settings.token,
+                        "caption_references": settings.caption_references, "resolution": settings.resolution})
+
+    def made_with(self, settings: EvalSettings) -> dict:
+        generation = {k: getattr(settings, k) for k in self.generation_keys}
+        if self.placeholder():
+            generation.pop("token")  # Textual Inversion prompts name the subject by its placeholder
+        return as_json({"kind": self.kind, "method": self.config.method, "recipe": self.recipe_name(),
+                        "base": self.base, "overrides": list(self.overrides), "generation": generation,
+                        "training": self.training_made_with(settings)})
 
     def placeholder(self) -> Optional[str]:
         return getattr(self.config.method_config, "placeholder_token", None)
@@ -149,8 +235,6 @@ class FineTuneRow(Row):
             raise ValueError(f"{subject.name}: references must lie in one folder")
         if not (settings.caption_references and subject.reference_captions):
             return folders.pop()
-        import shutil
-
         folder = work_dir / "instance-images"
         folder.mkdir(parents=True, exist_ok=True)
         words = self.words(subject, settings)
@@ -178,14 +262,33 @@ class FineTuneRow(Row):
         return [*per_subject, *self.overrides]  # the user's overrides win
 
     def prepare(self, subject, work_dir, settings, log) -> dict:
+        """Train on the subject, or reuse the training in ``work_dir/run`` when ``work_dir/train.json`` says
+        it was made with the same settings and photos (finished, or stopped: then the trainer resumes it).
+        A training made with other settings is removed first: ``run/`` is this harness's own folder."""
         from personalize.config import load_config
         from personalize.trainer import Trainer
 
-        run_dir, done = work_dir / "run", work_dir / "train.json"
-        if done.is_file() and run_dir.is_dir():
+        run_dir, record = work_dir / "run", work_dir / "train.json"
+        made_with = {**self.training_made_with(settings), "references": file_digests(subject.references)}
+        earlier = read_json(record) if record.is_file() else None
+        if earlier is not None and earlier.get("made_with") != made_with:
+            if run_dir.is_dir():
+                log(f"{subject.name}: {self.label}: the training in {run_dir} was made with other settings ("
+                    + "; ".join(changes(earlier.get("made_with"), made_with)) + "); training again")
+                shutil.rmtree(run_dir)
+            earlier = None
+        summary = read_json(run_dir / "run_summary.json") if earlier is not None else None
+        if earlier is not None and not earlier.get("finished") and summary is not None:
+            # the training finished (its export is complete); only this record of it was not written
+            earlier = {"train_seconds": summary.get("train_seconds"), "train_loop_seconds": summary.get("train_seconds"),
+                       "train_steps": summary.get("steps"), "peak_memory_train_mib": None, "made_with": made_with,
+                       "finished": True}
+            _write_json(record, earlier)
+        if earlier is not None and earlier.get("finished") and run_dir.is_dir():
             log(f"{subject.name}: {self.label}: training finished earlier, reusing {run_dir}")
-            return json.loads(done.read_text())
+            return earlier
         config = load_config(self.recipe, self.subject_overrides(subject, run_dir, settings))
+        _write_json(record, {"made_with": made_with, "finished": False})  # a stopped run resumes only with these
         log(f"{subject.name}: {self.label}: training ({config.method}, {config.train.max_steps} steps) ...")
         device = settings.torch_device()
         start = time.perf_counter()
@@ -196,8 +299,8 @@ class FineTuneRow(Row):
                  "train_steps": trainer.step, "peak_memory_train_mib": peak.mib}
         del trainer
         _free_memory()
-        _write_json(done, stats)
-        return stats
+        _write_json(record, {**stats, "made_with": made_with, "finished": True})
+        return {**stats, "made_with": made_with, "finished": True}
 
     def pipeline(self, run_dir: Path):
         """Stock diffusers over the export: a pipeline folder, LoRA weights or learned embeddings."""
@@ -210,7 +313,7 @@ class FineTuneRow(Row):
         if (run_dir / "learned_embeds.safetensors").is_file():
             return build_pipeline(self.base, embeddings=str(run_dir), token=self.placeholder())
         files = ", ".join(sorted(p.name for p in run_dir.iterdir())) if run_dir.is_dir() else "nothing"
-        raise RuntimeError(f"{run_dir}: no exported pipeline, LoRA or embeddings to generate from (found {files})")
+        raise ConfigError(f"{run_dir}: no exported pipeline, LoRA or embeddings to generate from (found {files})")
 
     def _images(self, work_dir: Path, texts: list[str], n: int, settings: EvalSettings) -> list[list[Image.Image]]:
         pipe = self.pipeline(work_dir / "run").to(settings.torch_device())
@@ -227,8 +330,6 @@ class FineTuneRow(Row):
         return self._images(work_dir, [f"a {subject.class_noun}"], settings.drift_images, settings)[0]
 
     def cleanup(self, work_dir, settings):
-        import shutil
-
         if not settings.keep_weights:
             shutil.rmtree(work_dir / "run", ignore_errors=True)
 
@@ -285,12 +386,17 @@ class BaseModelRow(ZeroShotRow):
     """The base model prompted with the class noun: what the model does without the subject."""
 
     name = "base"
+    generation_keys = ("images_per_prompt", "seed", "steps", "guidance", "resolution", "drift_images")
+
+    def check(self, subjects):
+        if not self.base:
+            raise ConfigError(f"row {self.label}: the base row needs a base model: give --base (or a recipe row "
+                              "whose model.base it takes)")
 
     def _images(self, texts: list[str], n: int, settings: EvalSettings) -> list[list[Image.Image]]:
         from personalize.generate import build_pipeline
 
-        if not self.base:
-            raise ValueError("the base row needs a base model (--base)")
+        self.check([])
         pipe = build_pipeline(self.base).to(settings.torch_device())
         pipe.set_progress_bar_config(disable=True)
         images = generate_images(pipe, texts, n, settings, settings.resolution)
@@ -311,11 +417,16 @@ class ToyRendersRow(ZeroShotRow):
 
     name = "renders"
 
+    def check(self, subjects):
+        other = [s.name for s in subjects if s.toy is None]
+        if other:
+            raise ConfigError(f"row {self.label}: real renders exist only of toy-world subjects (--toy); "
+                              f"{', '.join(other)} {'is' if len(other) == 1 else 'are'} not one")
+
     def generate(self, subject, work_dir, settings):
         from personalize.toyworld.world import render
 
-        if subject.toy is None:
-            raise ValueError(f"the renders row needs toy-world subjects; {subject.name} is not one")
+        self.check([subject])
         n = settings.images_per_prompt
         images = [[Image.fromarray(render(p.toy.spec(subject.toy, settings.seed + j))) for j in range(n)]
                   for p in subject.prompts]
@@ -330,11 +441,18 @@ class InContextRow(ZeroShotRow):
     under bfloat16 autocast."""
 
     name = "incontext"
+    generation_keys = ("images_per_prompt", "seed", "steps", "guidance", "ref_guidance", "bf16", "ref_interval",
+                       "references")
 
     def __init__(self, base, label=None, arg=None):
         super().__init__(base, label, arg)
         if not arg:
-            raise ValueError("the incontext row needs its model folder: incontext:FOLDER")
+            raise ConfigError("the incontext row needs its model folder: incontext:FOLDER")
+
+    def check(self, subjects):
+        from personalize.incontext.model import read_spec
+
+        read_spec(self.arg)  # a folder that is not an in-context model is refused before any work
 
     def describe(self) -> dict:
         from personalize.incontext.model import read_spec

@@ -362,3 +362,174 @@ def test_caption_references_names_the_subject_the_way_each_row_prompts(tmp_path)
         assert captions == [c.replace("ring", words, 1) for c in subject.captions()]
         assert all(words in c for c in captions) and len(set(captions)) > 1  # contexts differ
         assert [(folder / p.name).read_bytes() for p in subject.references] == [p.read_bytes() for p in subject.references]
+
+
+# -- results carry the settings they were made with -----------------------------------------------
+
+def _settings_of(results: dict, label: str) -> list[str]:
+    """The settings texts of ``label``'s lines of the mean table."""
+    return [results["settings"][e["settings"]]["text"] for e in results["table"].values() if e["row"] == label]
+
+
+def test_rerun_with_other_settings_makes_results_again_and_the_report_says_which(tmp_path, monkeypatch, capsys):
+    from personalize.cli import main
+
+    torch.set_num_threads(1)
+    bench = write_bench(tmp_path / "bench", {"dog": "dog", "teapot": "teapot"})
+    out = tmp_path / "out"
+
+    def argv(*extra):
+        return ["eval", "tiny/lora", "base", "--data", str(bench), "--prompts", "0", "-n", "1", "--metrics", "tiny",
+                "--set", "train.max_steps=1", "--set", "train.progress_bar=false", "--keep-weights", "--out", str(out),
+                *extra]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("this should not run again")
+
+    def made(label):
+        return [json.loads((out / label / s / "result.json").read_text())["made_with"] for s in ("dog", "teapot")]
+
+    results_file = out / "results.json"
+    assert main(argv("--steps", "1")) == 0
+    assert all(m["row"]["generation"]["steps"] == 1 for m in made("lora") + made("base"))
+    capsys.readouterr()
+
+    # --steps 2 over 1-step results: the images are made again (from the kept training), and say so
+    monkeypatch.setattr("personalize.trainer.Trainer", forbidden)
+    assert main(argv("--steps", "2")) == 0
+    log = capsys.readouterr().out
+    assert log.count("row.generation.steps: 1 -> 2") == 4 and "training finished earlier, reusing" in log
+    assert all(m["row"]["generation"]["steps"] == 2 for m in made("lora") + made("base"))
+    results = json.loads(results_file.read_text())
+    assert list(results["table"]) == ["real images", "lora", "base"]
+    texts = _settings_of(results, "lora") + _settings_of(results, "base")
+    assert all("; 2 steps;" in t and "1 steps" not in t for t in texts)
+    assert "| lora | S2 |" in (out / "report.md").read_text()
+
+    # the same settings again: nothing is made
+    monkeypatch.setattr(rows, "generate_images", forbidden)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")}
+    assert main(argv("--steps", "2")) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")} == before
+    monkeypatch.undo()
+
+    # a training setting changed: trained again, the earlier training folder (the harness's own) replaced
+    capsys.readouterr()
+    assert main(argv("--steps", "2", "--set", "train.max_steps=2")) == 0
+    log = capsys.readouterr().out
+    assert "training again" in log and "train.max_steps: 1 -> 2" in log
+    assert json.loads((out / "lora" / "dog" / "result.json").read_text())["stats"]["train_steps"] == 2
+    assert all("--steps" not in m and m["row"]["training"]["config"]["train.max_steps"] == 2 for m in made("lora"))
+    assert not any("train.max_steps" in k for m in made("base") for k in rows.flat(m))  # base rows do not train
+
+    # a rerun with --steps 3 stopped after the first subject: the report shows each subject's own settings
+    real_evaluate = harness.evaluate_subject
+
+    def stop_at_teapot(row, subject, *args, **kwargs):
+        if subject.name == "teapot":
+            raise KeyboardInterrupt
+        return real_evaluate(row, subject, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "evaluate_subject", stop_at_teapot)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv("--steps", "3", "--set", "train.max_steps=2"))
+    monkeypatch.undo()
+    assert main(["eval", "--report-only", "--out", str(out)]) == 0
+    results = json.loads(results_file.read_text())
+    lines = {label: e for label, e in results["table"].items() if e["row"] == "lora"}
+    assert len(lines) == 2 and all(label.startswith("lora [S") for label in lines)  # never one mean for both
+    texts = {tuple(results["settings"][e["settings"]]["used_by"]["lora"]): results["settings"][e["settings"]]["text"]
+             for e in lines.values()}
+    assert "; 3 steps;" in texts[("dog",)] and "; 2 steps;" in texts[("teapot",)]
+    assert all(e["subjects"] == 1 for e in lines.values())
+    by_subject = {(r[0], r[2]): r[3] for r in next(b for h, _, b in _tables(out) if h == "By subject")}
+    assert by_subject[("dog", "lora")] != by_subject[("teapot", "lora")]
+
+
+def _tables(out: Path):
+    from personalize import report
+
+    plan, subjects = report.collect(out)
+    groups = report.label_settings(plan, subjects)
+    return report.tables(plan, subjects, report.summary(plan, subjects), groups)
+
+
+def test_results_without_a_record_are_reported_as_unrecorded(tmp_path):
+    bench = write_bench(tmp_path / "bench", {"dog": "dog"})
+    out = tmp_path / "out"
+    settings = EvalSettings(out=str(out), images_per_prompt=2)
+    run_benchmark(load_dreambench(bench, prompt_indices=[0]), [SolidRow()], [RecordingMetric()], settings,
+                  state=LaunchState(), log=lambda m: None)
+    result_file = out / "solid" / "dog" / "result.json"
+    old = json.loads(result_file.read_text())
+    del old["made_with"]  # as an earlier version wrote it
+    result_file.write_text(json.dumps(old))
+    from personalize.report import write_report
+
+    results = json.loads(write_report(out)["json"].read_text())
+    assert _settings_of(results, "solid") == ["not recorded (made by an earlier version of personalize eval)"]
+    messages = []  # and a rerun makes it again, saying why
+    run_benchmark(load_dreambench(bench, prompt_indices=[0]), [SolidRow()], [RecordingMetric()], settings,
+                  state=LaunchState(), log=messages.append)
+    assert any("not recorded" in m and "making it again" in m for m in messages)
+    assert "made_with" in json.loads(result_file.read_text())
+
+
+# -- the HTML report escapes every field ----------------------------------------------------------
+
+class TagsAndAttributes(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attributes = [], set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attributes |= {name for name, _ in attrs}
+
+
+def test_report_html_escapes_every_field(tmp_path):
+    from personalize.dreambench import BenchSubject, EvalPrompt
+
+    script, attribute = "<script>alert(1)</script>", '"><img src=x onerror=alert(2)>'
+    hostile = script + attribute
+    bench = write_bench(tmp_path / "bench", {"dog": "dog"})
+    photos = sorted((bench / "dog").iterdir())
+    subject = BenchSubject(f"dog{hostile}", f"dog{hostile}", photos,
+                           [EvalPrompt(0, "a {} in " + hostile, "recontextualization")])
+    row = SolidRow(label=f"solid{hostile}")
+    files = run_benchmark([subject], [row], [RecordingMetric()],
+                          EvalSettings(out=str(tmp_path / "out"), images_per_prompt=2, title=f"Bench{hostile}"),
+                          state=LaunchState(), log=lambda m: None)
+    page = files["html"].read_text()
+    parser = TagsAndAttributes()
+    parser.feed(page)
+    assert "script" not in parser.tags and "onerror" not in parser.attributes
+    assert parser.tags.count("img") == 3 + 2  # the 3 references and 2 generated images, nothing injected
+    assert script not in page and attribute not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&gt;&lt;img src=x onerror=alert(2)&gt;"
+    # the title (twice), the subject name (link and heading), its class (heading, table), the row label (tables,
+    # grid), the prompt (grid cell, image titles)
+    assert page.count(escaped) >= 10
+    assert_html_refers_to_existing_files(files["html"])
+
+
+def test_a_training_that_finished_before_its_record_was_written_is_reused(tmp_path, monkeypatch, capsys):
+    """Killed between the export and train.json: the rerun must not train into the finished folder
+    (the trainer refuses it) but reuse it."""
+    from personalize.cli import main
+
+    torch.set_num_threads(1)
+    bench = write_bench(tmp_path / "bench", {"dog": "dog"})
+    out = tmp_path / "out"
+    argv = ["eval", "tiny/lora", "--data", str(bench), "--prompts", "0", "-n", "1", "--metrics", "tiny", "--steps", "1",
+            "--set", "train.max_steps=1", "--set", "train.progress_bar=false", "--keep-weights", "--out", str(out)]
+    assert main(argv) == 0
+    record = out / "lora" / "dog" / "train.json"
+    stopped = {**json.loads(record.read_text()), "finished": False}
+    record.write_text(json.dumps(stopped))
+    (out / "lora" / "dog" / "result.json").unlink()
+    monkeypatch.setattr("personalize.trainer.Trainer", lambda *a, **k: pytest.fail("trained again"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "training finished earlier, reusing" in capsys.readouterr().out
+    assert json.loads(record.read_text())["finished"] is True

@@ -103,6 +103,7 @@ def test_dino_loads_from_a_local_folder(tmp_path):
     loaded = DinoMetric.load(str(tmp_path / "dino"))
     images = [_image(0), _image(1)]
     assert torch.allclose(loaded.embed_images(images), metric.embed_images(images), atol=1e-5)
+    assert loaded.weights == str(tmp_path / "dino") and metric.describe()["weights"] == "tiny random, seed 3"
 
 
 def test_clip_loads_an_open_clip_checkpoint_file_or_folder(tmp_path):
@@ -124,6 +125,14 @@ def test_clip_loads_an_open_clip_checkpoint_file_or_folder(tmp_path):
         loaded = ClipMetric.load(str(source), model_name="tiny-test-clip")
         assert torch.allclose(loaded.embed_images(images), metric.embed_images(images), atol=1e-5)
         assert torch.allclose(loaded.embed_texts(["a dog"]), metric.embed_texts(["a dog"]), atol=1e-5)
+    assert loaded.describe() == {"metric": "ClipMetric", "columns": ["clip_i", "clip_t"], "weights": str(weights)}
+    # a pickled state dict: refused unless trusted, then read with the weights-only loader
+    pickled = tmp_path / "clip.bin"
+    torch.save(metric.model.state_dict(), pickled)
+    with pytest.raises(MetricWeightsError, match="--allow-pickle"):
+        ClipMetric.load(str(pickled), model_name="tiny-test-clip")
+    loaded = ClipMetric.load(str(pickled), model_name="tiny-test-clip", allow_pickle=True)
+    assert torch.allclose(loaded.embed_images(images), metric.embed_images(images), atol=1e-5)
 
 
 @pytest.fixture

@@ -85,5 +85,33 @@ def test_language_drift_and_png_grids_in_the_report(tmp_path):
     assert "drift" not in table["ceiling"]  # real renders have no class prompt
     md = files["markdown"].read_text()
     assert "Language drift" in md and "| collapsed | pixels |" in md and "](grids/zorbo.png)" in md
-    with Image.open(files["grid zorbo"]) as grid:  # references + one line per row, one image per prompt
-        assert grid.size == (64 * 4, 64 * 4)  # 64 px toy images stay at their own size
+    check_labelled_grid(files["grid zorbo"], json.loads(files["json"].read_text())["subjects"]["zorbo"],
+                        tmp_path / "out", ["collapsed", "diverse", "ceiling"], cell=64, columns=4)
+
+
+def check_labelled_grid(path, subject: dict, out, labels: list[str], cell: int, columns: int) -> None:
+    """The PNG grid: a title, a label column, the references, a header line of prompts, then one line per
+    row with the first image of each prompt at ``cell`` px, exactly where the layout puts them."""
+    ink = lambda region: int((region.max(-1) < 120).sum())  # noqa: E731  (dark text pixels)
+    with Image.open(path) as grid:
+        pixels = np.asarray(grid.convert("RGB"))
+    height, width = pixels.shape[:2]
+    label_width = width - cell * columns
+    assert 40 < label_width <= 140  # a label column as wide as the longest label (capped), then the images
+    assert height > cell * (len(labels) + 1) + 30  # a title and a header line besides the image lines
+    assert ink(pixels[:14]) > 20  # the title (subject and class)
+    first_row = height - cell * len(labels)  # the rows' lines fill the bottom
+    for y, label in enumerate(labels):
+        top = first_row + cell * y
+        prompts = sorted(subject["rows"][label]["prompts"], key=lambda p: p["index"])
+        for x, prompt in enumerate(prompts):
+            expected = np.asarray(Image.open(out / prompt["images"][0]).convert("RGB"))
+            left = label_width + cell * x
+            assert (pixels[top:top + cell, left:left + cell] == expected).all(), f"{label}, prompt {x}"
+        assert ink(pixels[top:top + cell, :label_width]) > 20, f"no label for {label}"
+    header = pixels[first_row - 24:first_row, label_width:]
+    for x in range(len(subject["rows"][labels[0]]["prompts"])):  # every prompt column has its header
+        assert ink(header[:, cell * x:cell * (x + 1)]) > 5, f"no header over prompt column {x}"
+    reference = np.asarray(Image.open(out / subject["references"]["thumbnails"][0]).convert("RGB"))
+    assert any((pixels[y:y + cell, label_width:label_width + cell] == reference).all()
+               for y in range(first_row - cell))  # the references' line, above the header

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from personalize.models.loading import ModelLoadError
+from personalize.utils.files import read_json
 from personalize.incontext.attention import (
     BLOCK_GROUPS, QUERY_MODES, ReferenceFeatures, install_reference_attention, reference_parameters,
     reference_state_dict,
@@ -220,17 +221,7 @@ def read_spec(path: str | Path) -> InContextSpec:
     if not config_file.is_file():
         raise InContextLoadError(f"{path}: no {CONFIG_NAME} (an in-context model folder has {CONFIG_NAME} and "
                                  f"{WEIGHTS_NAME}, written by `personalize train` with method incontext)")
-    try:
-        size = config_file.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise InContextLoadError(f"{config_file}: {size} bytes, too large for an in-context config")
-        values = json.loads(config_file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise InContextLoadError(f"{config_file}: not an in-context config: not UTF-8 text ({err})") from None
-    except json.JSONDecodeError as err:
-        raise InContextLoadError(f"{config_file}: not an in-context config: not JSON ({err})") from None
-    except OSError as err:
-        raise InContextLoadError(f"{config_file}: cannot read: {err.strerror or err}") from None
+    values = read_json(config_file, InContextLoadError, "an in-context config", MAX_CONFIG_BYTES)
     return InContextSpec.from_config(values, config_file)
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from personalize.eval import parse_interval
+from personalize.utils.arguments import finite_float, positive_int, seed
 
 # the shipped toy in-context model used when --model is not given (under personalize/toyworld/assets/): the
 # own-query model, which meets ToyBench's bar against LoRA and DreamBooth at its reference scale 6
@@ -33,39 +33,6 @@ from personalize.eval import parse_interval
 DEFAULT_MODEL = "toy-incontext-self"
 MANIFEST = "zero_shot.json"  # written last: the files of a finished run
 RETRIEVED = "retrieved"  # the subfolder the retrieved references are copied into, with retrieved.jsonl
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def seed(text: str) -> int:
-    """An argparse type: a seed, 0 <= seed < 2**63."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

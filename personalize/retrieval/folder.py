@@ -15,6 +15,7 @@ from personalize.data.jsonl import parse_jsonl
 from personalize.errors import OutputError
 from personalize.retrieval.errors import RetrievalError
 from personalize.retrieval.records import Record
+from personalize.utils.files import read_json
 
 TEXT_INDEX, IMAGE_INDEX, RECORDS, META = "index_text.faiss", "index_image.faiss", "records.jsonl", "index.json"
 FILES = (TEXT_INDEX, IMAGE_INDEX, RECORDS, META)  # everything write_index writes, index.json last
@@ -74,18 +75,7 @@ def is_count(value, least: int = 1) -> bool:
 def read_meta(meta_file: Path) -> dict[str, Any]:
     """``index.json``, checked: a UTF-8 JSON object with the keys and types :func:`~personalize.retrieval.index.write_index` writes."""
     rebuild = "; rebuild the index with data_tools/build_index.py"
-    try:
-        size = meta_file.stat().st_size
-        if size > MAX_META_BYTES:
-            raise RetrievalError(f"{meta_file}: {size} bytes, not an index description (at most "
-                                 f"{MAX_META_BYTES}){rebuild}")
-        meta = json.loads(meta_file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise RetrievalError(f"{meta_file}: not UTF-8 text ({err}){rebuild}") from None
-    except json.JSONDecodeError as err:
-        raise RetrievalError(f"{meta_file}: not JSON: {err}{rebuild}") from None
-    except OSError as err:
-        raise RetrievalError(f"{meta_file}: cannot read: {err.strerror or err}") from None
+    meta = read_json(meta_file, RetrievalError, "an index description", MAX_META_BYTES, rebuild)
     if not isinstance(meta, dict):
         raise RetrievalError(f"{meta_file}: not an index description (a JSON object), got {type(meta).__name__}"
                              f"{rebuild}")

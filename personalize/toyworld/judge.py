@@ -31,6 +31,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
+from personalize.errors import ModelLoadError
 from personalize.toyworld.model import TOY_JUDGES
 from personalize.toyworld.world import (
     ACCESSORIES, CLASSES, COLORS, SCENES, SIZE, ImageSpec, render, sample_spec, training_subject,
@@ -305,19 +306,34 @@ class Judges:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Judges":
+        """The judges saved in ``path`` (default: the shipped ones), a safetensors file with their config
+        in its metadata. A missing file: FileNotFoundError; a file that is not judges: :class:`ModelLoadError`
+        naming it."""
+        from safetensors import SafetensorError
+
         path = Path(path or TOY_JUDGES)
         if not path.is_file():
             raise FileNotFoundError(f"no toy-world judges at {path}; train them with `python eval/train_judges.py` "
-                                    "(needs the toy VAE, see docs/judges.md)")
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata()
-        config = json.loads(header["config"])
-        attribute = AttributeJudge(config["attribute_width"], config["vocab"])
-        identity = IdentityEmbedder(config["identity_width"], config["dim"])
-        for prefix, module in (("attribute.", attribute), ("identity.", identity)):
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        return cls(attribute, identity, json.loads(header.get("report", "{}")))
+                                 "(needs the toy VAE, see docs/judges.md)")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                header = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({err}); give the judges file "
+                                 "`python eval/train_judges.py` writes") from None
+        try:
+            config = json.loads(header["config"])
+            attribute = AttributeJudge(config["attribute_width"], config["vocab"])
+            identity = IdentityEmbedder(config["identity_width"], config["dim"])
+            for prefix, module in (("attribute.", attribute), ("identity.", identity)):
+                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            report = json.loads(header.get("report", "{}"))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ModelLoadError(f"{path}: not a toy judges file ({type(err).__name__}: {first}); give the judges "
+                                 "file `python eval/train_judges.py` writes") from None
+        return cls(attribute, identity, report)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -53,12 +53,22 @@ class ToyJudgeMetrics(SubjectMetrics):
 
     @classmethod
     def load(cls, path: Optional[str] = None) -> "ToyJudgeMetrics":
+        """The judges in ``path`` (``--judges``; default the shipped ones), named in the record by file and
+        content digest."""
+        import hashlib
+        from pathlib import Path
+
+        from personalize.errors import ModelLoadError
         from personalize.toyworld.judge import Judges
+        from personalize.toyworld.model import TOY_JUDGES
 
         try:
-            return cls(Judges.load(path))
-        except FileNotFoundError as err:
-            raise MetricWeightsError(str(err)) from None
+            metric = cls(Judges.load(path))
+        except (FileNotFoundError, ModelLoadError) as err:
+            raise MetricWeightsError(f"--judges: {err}") from None
+        file = Path(path or TOY_JUDGES)
+        metric.weights = f"{file.name}:{hashlib.sha256(file.read_bytes()).hexdigest()[:16]}"
+        return metric
 
     @staticmethod
     def _pixels(images: Sequence) -> list[np.ndarray]:

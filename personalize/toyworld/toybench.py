@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from personalize.errors import ConfigError
 from personalize.toyworld.world import ACCESSORIES, SCENES, ImageSpec, Subject, render, sample_spec
 
 TOKEN = "sks"  # DreamBooth / LoRA: the rare token bound to the subject
@@ -88,7 +89,7 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
 
     unknown = [r for r in rows if r not in ROWS and not r.startswith("incontext")]
     if unknown:
-        raise ValueError(f"unknown ToyBench rows {', '.join(unknown)}; choose from {', '.join(ROWS)}, "
+        raise ConfigError(f"unknown ToyBench rows {', '.join(unknown)}; choose from {', '.join(ROWS)}, "
                          "incontext[_LABEL][:FOLDER]")
     out = []
     for name in rows:
@@ -133,14 +134,17 @@ def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int
     markdown report under a line naming ``command`` and the wall-clock time)."""
     import time
 
-    from personalize.dreambench import toy_subjects
-    from personalize.harness import run_benchmark
+    from personalize.dreambench import find_toy_subjects, toy_subjects
+    from personalize.harness import check_out, run_benchmark
     from personalize.toyworld.judge_metrics import ToyJudgeMetrics
 
     start = time.perf_counter()
+    eval_settings = toybench_settings(out, n=n, steps=steps, **settings).check()
+    check_out(out)
+    find_toy_subjects(list(subjects))
+    bench_rows, metrics = toybench_rows(rows), [ToyJudgeMetrics.load()]  # all refused before anything is written
     bench_subjects = toy_subjects(list(subjects), out / "toy-subjects")
-    files = run_benchmark(bench_subjects, toybench_rows(rows), [ToyJudgeMetrics.load()],
-                          toybench_settings(out, n=n, steps=steps, **settings), log=log, data="toy world")
+    files = run_benchmark(bench_subjects, bench_rows, metrics, eval_settings, log=log, data="toy world")
     if doc is not None:
         write_doc(files, doc, command, (time.perf_counter() - start) / 60, out)
     return files

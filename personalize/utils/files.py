@@ -12,7 +12,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from personalize.errors import OutputError
 
@@ -70,3 +70,20 @@ def save_image(image, target: str | Path) -> Path:
 
 
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def read_json(path: str | Path, error: type[Exception], what: str = "JSON", max_bytes: Optional[int] = None,
+              hint: str = "") -> Any:
+    """The value of the JSON file ``path``; a missing, oversized, non-UTF-8 or malformed file raises
+    ``error`` (a :class:`~personalize.errors.UserError`) naming the file, ``what`` it should be, and ``hint``."""
+    path = Path(path)
+    try:
+        if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+            raise error(f"{path}: {size} bytes, too large for {what} (at most {max_bytes}){hint}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text, so not {what} ({err}){hint}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not JSON, so not {what} ({err}){hint}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err.strerror or err}{hint}") from None
