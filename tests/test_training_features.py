@@ -61,9 +61,10 @@ def test_latent_cache_is_kept_on_disk_and_reused_only_while_valid(tmp_path, monk
     calls = []
     original = Models.encode_images
     monkeypatch.setattr(Models, "encode_images", lambda self, x: calls.append(len(x)) or original(self, x))
-    again = run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true")
+    again = run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true", "train.overwrite=true")
     assert calls == [] and again.history[0]["loss"] == first.history[0]["loss"]  # read from disk
-    run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true", "data.resolution=32")
+    run_training("tiny/lora", tmp_path, *FAST, "train.max_steps=1", "data.cache=true", "data.resolution=32",
+                 "train.overwrite=true")
     assert calls  # another resolution: encoded again
 
 
@@ -146,8 +147,9 @@ def test_cli_errors_are_clear_not_tracebacks(tmp_path):
         (["train", "tiny/lora", "model.base=./missing/model.ckpt"], "does not exist"),
         (["train", "tiny/lora", "train.mixed_precision=fp16"], "fp16 needs a CUDA"),
     ]
-    for args, message in cases:
-        result = _cli(*args)
+    for args, message in cases:  # each into a fresh folder, whatever outputs/ of the checkout holds
+        result = _cli(*args, *([] if any(a.startswith("train.output_dir=") for a in args) else
+                               [f"train.output_dir={tmp_path / 'out'}"]))
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, (args, result.stderr[-2000:])
@@ -157,5 +159,5 @@ def test_cli_errors_are_clear_not_tracebacks(tmp_path):
 def test_pickled_checkpoint_is_refused_by_the_cli(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, ckpt)
-    result = _cli("train", "tiny/lora", f"model.base={ckpt}")
+    result = _cli("train", "tiny/lora", f"model.base={ckpt}", f"train.output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "allow_pickle" in result.stderr and "Traceback" not in result.stderr
