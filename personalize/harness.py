@@ -33,6 +33,7 @@ from personalize.metrics import SubjectMetrics, copy_paste_rate, metric_names
 from personalize.rows import (
     Log, PeakMemory, Row, _free_memory, _write_json, as_json, changes, file_digests, read_json,
 )
+from personalize.utils.device import resolve_device
 from personalize.utils.files import save_image
 
 logger = logging.getLogger("personalize.eval")
@@ -86,15 +87,7 @@ class EvalSettings:
         need(math.isfinite(self.guidance), "--guidance", f"give a finite number (got {self.guidance})")
         need(self.ref_guidance is None or math.isfinite(self.ref_guidance), "--ref-guidance",
              f"give a finite number (got {self.ref_guidance})")
-        try:
-            device = torch.device(self.device) if self.device else None
-        except (RuntimeError, ValueError) as err:
-            raise ConfigError(f"--device: {self.device!r} is not a device ({err}); give cpu, cuda, cuda:1, ..."
-                              ) from None
-        if device is not None and device.type == "cuda":
-            need(torch.cuda.is_available(), "--device", f"{self.device}: this machine has no CUDA device; give cpu")
-            need(device.index is None or device.index < torch.cuda.device_count(), "--device",
-                 f"{self.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        resolve_device(self.device)
         return self
 
 

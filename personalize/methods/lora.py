@@ -6,11 +6,10 @@ kohya key format that A1111, ComfyUI, kohya's sd-scripts and diffusers' kohya co
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-
-import re
 
 import torch
 from peft import LoraConfig
