@@ -1,5 +1,5 @@
 r"""SuTI's apprenticeship data: per cluster an expert (LoRA DreamBooth) generates the subject for new
-prompts, the best-scored fraction become in-context targets (see personalize/data/apprenticeship.py).
+prompts, the best-scored fraction become in-context targets (see personalize/workflows/apprenticeship.py).
 
     python data_tools/apprenticeship.py data/toyworld/clusters/manifest.jsonl --out outputs/apprenticeship \
         --recipe toy/lora --metrics toy --max-clusters 12 --guidance 6
@@ -11,12 +11,12 @@ A stopped run continues where it stopped (finished clusters are skipped).
 import argparse
 import sys
 
-from personalize.cli import _setup_logging
+from personalize.cli import setup_logging
 from personalize.errors import USER_ERRORS
 
 
 def main(argv=None) -> int:
-    from personalize.data.apprenticeship import DEFAULT_TEMPLATES
+    from personalize.workflows.apprenticeship import DEFAULT_TEMPLATES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest", help="cluster manifest (JSONL: cluster, file_name, text[, context, class])")
@@ -37,11 +37,11 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-weights")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for the expert recipe")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     from pathlib import Path
 
-    from personalize.data.apprenticeship import ApprenticeshipSettings, run_apprenticeship
-    from personalize.metrics import load_metrics
+    from personalize.workflows.apprenticeship import ApprenticeshipSettings, run_apprenticeship
+    from personalize.evaluation.metrics import load_metrics
 
     try:
         templates = DEFAULT_TEMPLATES

@@ -9,7 +9,8 @@ trainer does the same automatically; this script lets you do it ahead of time (o
 import argparse
 import sys
 
-from personalize.cli import _setup_logging, resolve_recipe
+from personalize.cli import setup_logging
+from personalize.recipes import resolve_recipe
 from personalize.errors import USER_ERRORS
 
 
@@ -19,8 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = parser.parse_args(argv)
-    _setup_logging()
-    from personalize.config import load_config
+    setup_logging()
+    from personalize.recipes import load_config
     from personalize.data.class_images import ensure_class_images
     from personalize.models import load_models
 

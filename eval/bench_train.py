@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from personalize.bench import METHODS, PARTS, VARIATIONS, BenchSettings, run_benchmark  # noqa: E402
+from personalize.perf import METHODS, PARTS, VARIATIONS, BenchSettings, run_benchmark  # noqa: E402
 
 
 def _csv(choices):
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=args.model_dir, threads=args.threads, isolate=not args.in_process, output=args.output or None,
         command=command)
     report = run_benchmark(settings, log=lambda m: print(m, flush=True))
-    from personalize.bench import render_markdown
+    from personalize.perf import render_markdown
 
     print()
     print(render_markdown(report))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time a training step of the toy U-Net in float32 and under bfloat16 autocast on this CPU, next to its
 bfloat16 instructions (from /proc/cpuinfo) and what train.mixed_precision: auto picks here; the section
-"CPU autocast precision" of docs/benchmarks.md. Logic: personalize/bench/precision.py.
+"CPU autocast precision" of docs/benchmarks.md. Logic: personalize/perf/precision.py.
 
     python eval/cpu_precision.py                 # 1 thread, batch 8
     python eval/cpu_precision.py --threads 2 --doc ''
@@ -29,9 +29,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from personalize.bench.precision import toy_unet_step_seconds
-    from personalize.bench.report import replace_section
-    from personalize.precision import cpu_bf16_flags, resolve_mixed_precision
+    from personalize.perf.precision import toy_unet_step_seconds
+    from personalize.perf.report import replace_section
+    from personalize.utils.precision import cpu_bf16_flags, resolve_mixed_precision
 
     torch.set_num_threads(args.threads)
     seconds = {p: toy_unet_step_seconds(p, args.batch, args.steps) for p in ("no", "bf16")}
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
              f"| float32 (`no`) | {seconds['no']:.3f} | 1.00x |",
              f"| bf16 autocast | {seconds['bf16']:.3f} | {seconds['bf16'] / seconds['no']:.2f}x |", "",
              f"`train.mixed_precision: auto` picks **{resolve_mixed_precision('auto', 'cpu')}** on this CPU "
-             "(bf16 only where the CPU has bfloat16 instructions; `personalize/precision.py`).", END]
+             "(bf16 only where the CPU has bfloat16 instructions; `personalize/utils/precision.py`).", END]
     section = "\n".join(lines)
     print(section)
     if args.doc:

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.incontext.probe import probe
+    from personalize.evaluation.incontext_probe import probe
 
     for folder in args.models:
         result = probe(InContextPipeline.from_pretrained(folder, base=args.base), n_subjects=args.subjects)

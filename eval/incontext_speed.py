@@ -27,11 +27,11 @@ BEGIN, END = "<!-- incontext-speed:begin -->", "<!-- incontext-speed:end -->"
 def main(argv=None) -> int:
     import torch
 
-    from personalize.incontext.speed import (
+    from personalize.perf.incontext_speed import (
         finetune_photos_to_images, incontext_photos_to_images, reference_attention_overhead,
     )
-    from personalize.precision import cpu_has_native_bf16
-    from personalize.toyworld.toybench import METHOD_RECIPES, reference_specs, write_references
+    from personalize.utils.precision import cpu_has_native_bf16
+    from personalize.evaluation.toybench import METHOD_RECIPES, reference_specs, write_references
     from personalize.toyworld.world import caption, heldout_subjects
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     pipe(prompt, references[:1], captions[:1], num_images=1, steps=2)  # warm up
     incontext_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps)
     rows = {"in-context": {"total_seconds": incontext_s, "train_seconds": 0.0, "generate_seconds": incontext_s}}
-    bf16_s = None  # CPUs without bf16 instructions emulate it, many times slower (personalize/precision.py): skipped
+    bf16_s = None  # CPUs without bf16 instructions emulate it, many times slower (personalize/utils/precision.py): skipped
     if torch.cuda.is_available() or cpu_has_native_bf16():
         pipe(prompt, references[:1], captions[:1], num_images=1, steps=2, bf16=True)  # warm up
         bf16_s = incontext_photos_to_images(pipe, references, captions, prompt, args.n, args.steps, bf16=True)
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     print(section)
     print(json.dumps({"rows": rows, "overhead": overhead}, indent=2))
     if args.doc:
-        from personalize.bench.report import replace_section
+        from personalize.perf.report import replace_section
 
         replace_section(Path(args.doc), BEGIN, END, section)
     return 0
@@ -103,7 +103,7 @@ def load_pipeline(model):
     from personalize.config import ModelConfig
     from personalize.incontext import InContextSpec, install_reference_attention
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.incontext.zero_shot import default_model
+    from personalize.cli.zero_shot import default_model
     from personalize.models import load_models
 
     if model == "untrained":

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from personalize.toyworld.card import RUNS_NAME, _run_info, measure, measure_vae_candidate, model_card, ship  # noqa: E402
-from personalize.toyworld.model import TOY_MODEL_DIR  # noqa: E402
+from personalize.workflows.toy_model_card import RUNS_NAME, _run_info, measure, measure_vae_candidate, model_card, ship  # noqa: E402
+from personalize.models.toy import TOY_MODEL_DIR  # noqa: E402
 
 
 def main(argv=None) -> int:

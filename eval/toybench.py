@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """ToyBench: DreamBench's protocol on held-out toy-world subjects, scored by the toy judges, on the
-evaluation harness (personalize.harness; `personalize eval ... --toy NAMES` reaches the same harness).
+evaluation harness (personalize.evaluation.harness; `personalize eval ... --toy NAMES` reaches the same harness).
 
 For each selected held-out subject, each method personalizes the shipped toy model on 4 reference
 renders (with the recipes in recipes/toy/), generates 20 prompts x N images with fixed seeds, and the
@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from personalize.errors import UserError  # noqa: E402
-from personalize.eval import add_reference_arguments  # noqa: E402
-from personalize.toyworld.toybench import ROWS, run_toybench  # noqa: E402
+from personalize.cli.eval import add_reference_arguments  # noqa: E402
+from personalize.evaluation.toybench import ROWS, run_toybench  # noqa: E402
 from personalize.toyworld.world import HELDOUT_NAMES, is_validation_name  # noqa: E402
 
 

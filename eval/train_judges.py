@@ -25,8 +25,8 @@ from personalize.toyworld.judge import (  # noqa: E402
     NONE, VOCAB, Judges, add_reconstructions, blur, reconstruct, render_training_set, spec_labels,
     train_attribute_judge, train_identity_embedder,
 )
-from personalize.toyworld.model import TOY_JUDGES  # noqa: E402
-from personalize.toyworld.toybench import reference_specs  # noqa: E402
+from personalize.models.toy import TOY_JUDGES  # noqa: E402
+from personalize.evaluation.toybench import reference_specs  # noqa: E402
 from personalize.toyworld.world import COLORS, SCENES, heldout_subjects, render, sample_spec  # noqa: E402
 
 EVAL_BLUR = 1.0  # sigma in pixels of the blurred evaluation renders: the top of the training range

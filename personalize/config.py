@@ -122,7 +122,7 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables")
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = option(
         "no", "autocast precision; trainable weights stay fp32. auto: bf16 where the GPU or CPU has bf16 "
-              "instructions, fp16 on other GPUs, else no (personalize/precision.py)")
+              "instructions, fp16 on other GPUs, else no (personalize/utils/precision.py)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in U-Net / text encoder")
     snr_gamma: Optional[float] = option(None, "min-SNR-gamma loss weighting (5.0 is the paper's value)")
     noise_offset: float = option(0.0, "offset noise strength (0.05-0.1 helps very dark/bright images)")
@@ -225,7 +225,7 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _closest(name: str, candidates: list[str]) -> str:
+def closest_key(name: str, candidates: list[str]) -> str:
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(candidates))}"
 
@@ -286,7 +286,7 @@ def build_section(cls: type, values: Optional[dict], prefix: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{prefix}.{key}'{_closest(str(key), names)}")
+            raise ConfigError(f"unknown key '{prefix}.{key}'{closest_key(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
     try:
         return cls(**kwargs)
@@ -338,37 +338,3 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping with a 'method' key")
     return raw
-
-
-def load_config(recipe: str | Path | dict, overrides: Optional[list[str]] = None) -> Config:
-    """Load a recipe (file path or dict), apply ``key=value`` overrides, validate everything."""
-    from personalize.methods import get_method_class, method_names
-
-    source = None if isinstance(recipe, dict) else str(recipe)
-    raw = dict(recipe) if isinstance(recipe, dict) else read_recipe(recipe)
-    raw = apply_overrides(raw, list(overrides or []))
-    try:
-        return _from_dict(raw, source, get_method_class, method_names())
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}" if source else str(err)) from None
-
-
-def _from_dict(raw: dict, source: Optional[str], get_method_class, known_methods: list[str]) -> Config:
-    method = raw.get("method")
-    if not isinstance(method, str):
-        raise ConfigError(f"'method' is required; one of {', '.join(known_methods)}")
-    if method not in known_methods:
-        raise ConfigError(f"method: unknown method {method!r}{_closest(method, known_methods)}")
-    method_cls = get_method_class(method)
-    valid_roots = ["method", *SECTIONS, method]
-    for key in raw:
-        if key in known_methods and key != method:
-            raise ConfigError(f"section '{key}' configures method '{key}', but method is '{method}'")
-        if key not in valid_roots:
-            raise ConfigError(f"unknown section '{key}'{_closest(str(key), valid_roots)}")
-    sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    method_config = build_section(method_cls.config_cls, raw.get(method), method)
-    config = Config(method=method, method_config=method_config, source=source, **sections)
-    method_cls.validate_config(config)
-    check_memory(config)
-    return config

@@ -1,4 +1,4 @@
-"""Smoke tests of the training benchmark (personalize/bench/, eval/bench_train.py) at tiny settings."""
+"""Smoke tests of the training benchmark (personalize/perf/, eval/bench_train.py) at tiny settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from personalize import bench
+from personalize import perf as bench
 
 
 def _section_table(markdown: str, heading: str) -> tuple[list[str], list[list[str]]]:
@@ -135,7 +135,7 @@ def test_eval_script_help():
 
 
 def test_replace_section_appends_then_replaces_in_place(tmp_path):
-    from personalize.bench.report import replace_section
+    from personalize.perf.report import replace_section
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nkept\n")

@@ -296,9 +296,9 @@ def test_apprenticeship_keeps_the_best_generations_and_resumes(tmp_path, monkeyp
     the best quarter of the generations as targets; a rerun trains nothing."""
     import shutil
 
-    from personalize.data.apprenticeship import ApprenticeshipSettings, run_apprenticeship
+    from personalize.workflows.apprenticeship import ApprenticeshipSettings, run_apprenticeship
     from personalize.data.clusters import ClusterDataset, ClusterRecord, read_manifest, write_manifest
-    from personalize.metrics import load_metrics
+    from personalize.evaluation.metrics import load_metrics
 
     subject = Path("recipes/tiny/subject")
     records = []
@@ -320,7 +320,7 @@ def test_apprenticeship_keeps_the_best_generations_and_resumes(tmp_path, monkeyp
     assert ClusterDataset(written, 2, 64).stats["targets"] == 2  # only generations are targets
     captions = sorted(p.read_text().strip() for p in (tmp_path / "out" / "clusters" / "a" / "instance-images").glob("*.txt"))
     assert captions == [f"a sks toy in room {i}" for i in range(3)]  # the expert learned each example's own caption
-    from personalize import trainer
+    from personalize.training import trainer
 
     monkeypatch.setattr(trainer.Trainer, "train", lambda self: (_ for _ in ()).throw(AssertionError("retrained")))
     assert read_manifest(run_apprenticeship(manifest, settings, load_metrics("tiny"), log=lambda m: None)) == written

@@ -2,7 +2,8 @@
 
 import pytest
 
-from personalize.config import ConfigError, load_config
+from personalize.config import ConfigError
+from personalize.recipes import load_config
 
 BASE = {"method": "lora", "data": {"instance_images": "recipes/tiny/subject", "instance_prompt": "a sks toy"}}
 
@@ -117,7 +118,7 @@ def test_method_registry_is_checked():
 
 
 def test_bare_no_from_yaml_or_the_command_line_means_the_string_no():
-    from personalize.config import load_config
+    from personalize.recipes import load_config
 
     config = load_config("recipes/tiny/lora.yaml", ["train.mixed_precision=no"])
     assert config.train.mixed_precision == "no"

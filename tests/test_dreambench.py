@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize import harness, rows
-from personalize.dreambench import (
+from personalize.evaluation import harness, rows
+from personalize.evaluation.subjects import (
     KINDS, LaunchState, load_dreambench, parse_prompts_file, prompt_kind, shard, toy_subjects,
 )
-from personalize.harness import EvalSettings, evaluate_subject, run_benchmark
-from personalize.metrics import SubjectMetrics
-from personalize.rows import Row
+from personalize.evaluation.harness import EvalSettings, evaluate_subject, run_benchmark
+from personalize.evaluation.metrics import SubjectMetrics
+from personalize.evaluation.rows import Row
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = next((p for p in (ROOT / "shared" / "dreambench", ROOT.parent / "shared" / "dreambench")
@@ -79,7 +79,7 @@ def test_prompt_kinds_rule():
 
 
 def test_toy_subjects_have_toybench_prompts_and_references(tmp_path):
-    from personalize.toyworld.toybench import toybench_prompts
+    from personalize.evaluation.toybench import toybench_prompts
     from personalize.toyworld.world import heldout_subjects
 
     (subject,) = toy_subjects(["zorbo"], tmp_path)
@@ -157,7 +157,7 @@ def test_full_run_on_the_tiny_model_then_rerun_skips(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished subject was run again")
 
-    monkeypatch.setattr("personalize.trainer.Trainer", forbidden)
+    monkeypatch.setattr("personalize.training.trainer.Trainer", forbidden)
     monkeypatch.setattr(rows, "generate_images", forbidden)
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")}
     assert _eval(bench, out) == 0
@@ -166,7 +166,7 @@ def test_full_run_on_the_tiny_model_then_rerun_skips(tmp_path, monkeypatch):
 
     # a subject whose training finished but whose images did not: generated again, not trained again
     monkeypatch.undo()
-    monkeypatch.setattr("personalize.trainer.Trainer", forbidden)
+    monkeypatch.setattr("personalize.training.trainer.Trainer", forbidden)
     (out / "lora" / "dog" / "result.json").unlink()
     assert _eval(bench, out) == 0
     again = json.loads(files[0].read_text())["subjects"]["dog"]["rows"]["lora"]
@@ -316,7 +316,7 @@ class ExactJudges:
 
 
 def test_toy_world_through_the_same_harness(tmp_path):
-    from personalize.toyworld.judge_metrics import ToyJudgeMetrics
+    from personalize.evaluation.metrics.toy import ToyJudgeMetrics
     from personalize.toyworld.world import render
 
     subjects = toy_subjects(["zorbo", "plimm"], tmp_path / "refs", prompt_indices=[0, 9, 14, 18])
@@ -344,7 +344,7 @@ def test_caption_references_names_the_subject_the_way_each_row_prompts(tmp_path)
     """With settings.caption_references, fine-tune rows train on copies of the references whose caption
     files carry each reference's context with the subject named by the row's words; without, on the
     references themselves with the one instance prompt."""
-    from personalize.config import load_config
+    from personalize.recipes import load_config
 
     (subject,) = toy_subjects(["zorbo"], tmp_path / "refs")
     assert rows.instance_caption("a ring on the grass", "ring", "sks ring") == "a sks ring on the grass"
@@ -395,7 +395,7 @@ def test_rerun_with_other_settings_makes_results_again_and_the_report_says_which
     capsys.readouterr()
 
     # --steps 2 over 1-step results: the images are made again (from the kept training), and say so
-    monkeypatch.setattr("personalize.trainer.Trainer", forbidden)
+    monkeypatch.setattr("personalize.training.trainer.Trainer", forbidden)
     assert main(argv("--steps", "2")) == 0
     log = capsys.readouterr().out
     assert log.count("row.generation.steps: 1 -> 2") == 4 and "training finished earlier, reusing" in log
@@ -447,7 +447,7 @@ def test_rerun_with_other_settings_makes_results_again_and_the_report_says_which
 
 
 def _tables(out: Path):
-    from personalize import report
+    from personalize.evaluation import report
 
     plan, subjects = report.collect(out)
     groups = report.label_settings(plan, subjects)
@@ -464,7 +464,7 @@ def test_results_without_a_record_are_reported_as_unrecorded(tmp_path):
     old = json.loads(result_file.read_text())
     del old["made_with"]  # as an earlier version wrote it
     result_file.write_text(json.dumps(old))
-    from personalize.report import write_report
+    from personalize.evaluation.report import write_report
 
     results = json.loads(write_report(out)["json"].read_text())
     assert _settings_of(results, "solid") == ["not recorded (made by an earlier version of personalize eval)"]
@@ -488,7 +488,7 @@ class TagsAndAttributes(HTMLParser):
 
 
 def test_report_html_escapes_every_field(tmp_path):
-    from personalize.dreambench import BenchSubject, EvalPrompt
+    from personalize.evaluation.subjects import BenchSubject, EvalPrompt
 
     script, attribute = "<script>alert(1)</script>", '"><img src=x onerror=alert(2)>'
     hostile = script + attribute
@@ -528,7 +528,7 @@ def test_a_training_that_finished_before_its_record_was_written_is_reused(tmp_pa
     stopped = {**json.loads(record.read_text()), "finished": False}
     record.write_text(json.dumps(stopped))
     (out / "lora" / "dog" / "result.json").unlink()
-    monkeypatch.setattr("personalize.trainer.Trainer", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("personalize.training.trainer.Trainer", lambda *a, **k: pytest.fail("trained again"))
     capsys.readouterr()
     assert main(argv) == 0
     assert "training finished earlier, reusing" in capsys.readouterr().out

@@ -234,8 +234,8 @@ def test_text2image_output_is_a_diffusers_pipeline(tmp_path):
 
 
 def test_autoencoder_export_loads_with_the_plain_call(tmp_path):
-    from personalize.config import load_config
-    from personalize.trainer import Trainer
+    from personalize.recipes import load_config
+    from personalize.training.trainer import Trainer
 
     recipe = {"method": "autoencoder", "model": {"base": "tiny-sd"},
               "data": {"instance_images": "recipes/tiny/subject", "instance_prompt": "a photo of sks toy",

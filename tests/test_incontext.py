@@ -192,7 +192,7 @@ def test_init_from_starts_from_a_trained_model_and_refuses_a_mismatch(train_run,
     from safetensors.torch import load_file
 
     from personalize.incontext import reference_state_dict
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     train_run("tiny/incontext", tmp_path / "a", "train.max_steps=2", "train.mixed_precision=no")
     first = load_file(str(tmp_path / "a" / "run" / "incontext_weights.safetensors"))
@@ -218,7 +218,7 @@ def test_init_from_can_grow_the_model_without_changing_its_predictions(train_run
     their places, the added ones start at zero, so the grown model predicts what the saved one does."""
     from personalize.incontext import reference_state_dict
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     train_run("tiny/incontext", tmp_path / "a", "train.max_steps=2", "train.mixed_precision=no")
     saved = InContextPipeline.from_pretrained(tmp_path / "a" / "run", base="tiny-sd")
@@ -248,7 +248,7 @@ def test_init_from_can_add_lora_target_modules_but_not_remove_them(train_run, tm
     """LoRA of the same rank may spread to more U-Net modules (feed-forward, ResNet convolutions): the
     saved LoRA loads into its modules, the added ones start with B = 0, so predictions do not change;
     fewer modules than the saved LoRA has is refused, naming the key."""
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     attention = "incontext.lora_target_modules=[to_q,to_k,to_v,to_out.0]"
     more = "incontext.lora_target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,conv1,conv2]"
@@ -287,7 +287,7 @@ def test_probe_measures_reference_gain_and_attention_entropy(train_run, tmp_path
     """eval/incontext_probe.py's measures: a gain per model and a normalized entropy per reference layer,
     1 exactly when the attention is uniform (all keys equal); the probe leaves the processors as it found them."""
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.incontext.probe import probe
+    from personalize.evaluation.incontext_probe import probe
 
     train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")
     pipe = InContextPipeline.from_pretrained(tmp_path / "run", base="tiny-sd")
@@ -345,7 +345,7 @@ def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
 def test_copy_paste_rate_flags_near_duplicates_of_references():
     import numpy as np
 
-    from personalize.metrics import copy_paste_rate
+    from personalize.evaluation.metrics import copy_paste_rate
 
     rng = np.random.default_rng(0)
     refs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
@@ -358,11 +358,11 @@ def test_copy_paste_rate_flags_near_duplicates_of_references():
 def test_incontext_row_in_the_harness(train_run, tmp_path, monkeypatch):
     import json
 
-    from personalize.dreambench import BenchSubject, EvalPrompt, LaunchState
-    from personalize.harness import EvalSettings, run_benchmark
+    from personalize.evaluation.subjects import BenchSubject, EvalPrompt, LaunchState
+    from personalize.evaluation.harness import EvalSettings, run_benchmark
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.metrics import load_metrics
-    from personalize.rows import build_row
+    from personalize.evaluation.metrics import load_metrics
+    from personalize.evaluation.rows import build_row
 
     encoded = []  # how many references each encoding saw
     original = InContextPipeline.encode_references
@@ -415,7 +415,7 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query, k, scale):
     rendered references (personalize zero-shot's default, the own-query model, and the shared-query one
     beside it), each at the reference scale it was shipped with unless told otherwise."""
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.toyworld.model import ASSETS
+    from personalize.models.toy import ASSETS
     from personalize.toyworld.world import heldout_subjects, render, sample_spec
     from PIL import Image
     import numpy as np
@@ -436,8 +436,8 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query, k, scale):
 
 def test_zero_shot_default_model_is_the_own_query_one():
     from personalize.incontext.model import read_spec
-    from personalize.incontext.zero_shot import default_model
-    from personalize.toyworld.model import ASSETS
+    from personalize.cli.zero_shot import default_model
+    from personalize.models.toy import ASSETS
 
     assert default_model() == ASSETS / "toy-incontext-self"
     assert read_spec(default_model()).ref_scale == 6.0
@@ -472,7 +472,7 @@ def test_reference_guidance_interval(train_run, tmp_path):
     elsewhere; (0, 1) is plain reference guidance, an interval that holds no sampling step is scale 1."""
     import argparse
 
-    from personalize.eval import parse_interval
+    from personalize.utils.arguments import parse_interval
     from personalize.incontext.pipeline import InContextPipeline
 
     train_run("tiny/incontext", tmp_path, "train.max_steps=1", "train.mixed_precision=no")

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_config
 from personalize.methods.base import _unwrap
-from personalize.trainer import Trainer
+from personalize.training.trainer import Trainer
 
 STEPS = ["train.max_steps=3", "train.checkpoint_every=0", "validation.prompts=[]"]
 
@@ -149,7 +149,7 @@ def test_lora_bf16_8bit_adam_checkpointing_snr_offset_ema(tmp_path):
 
 def test_nan_loss_stops_without_export(tmp_path, monkeypatch):
     from personalize.methods.lora import LoRA
-    from personalize.trainer import TrainingDiverged
+    from personalize.training.trainer import TrainingDiverged
 
     original = LoRA.loss
 

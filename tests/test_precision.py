@@ -7,9 +7,9 @@ import logging
 import pytest
 
 from conftest import make_config
-from personalize import precision
-from personalize.precision import cpu_flags, resolve_mixed_precision
-from personalize.trainer import Trainer
+from personalize.utils import precision
+from personalize.utils.precision import cpu_flags, resolve_mixed_precision
+from personalize.training.trainer import Trainer
 
 X86_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
 X86_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"

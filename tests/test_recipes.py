@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from personalize.cli import RECIPES_DIR, main, shipped_recipes
-from personalize.config import load_config
+from personalize.cli import main
+from personalize.recipes import RECIPES_DIR, shipped_recipes
+from personalize.recipes import load_config
 
 RECIPES = shipped_recipes()
 ACCELERATE = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import QUIET, ROOT, make_config
-from personalize import checkpointing
+from personalize.training import checkpoints as checkpointing
 from personalize.errors import CheckpointError
 from personalize.methods.base import _unwrap
-from personalize.trainer import Trainer, TrainingStopped
+from personalize.training.trainer import Trainer, TrainingStopped
 
 LORA = "recipes/tiny/lora.yaml"
 TI = "recipes/tiny/textual-inversion.yaml"

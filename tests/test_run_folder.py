@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import QUIET, ROOT
-from personalize.checkpointing import PICKLE_SUFFIXES
+from personalize.training.checkpoints import PICKLE_SUFFIXES
 from personalize.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -233,9 +233,9 @@ def test_sigterm_during_set_up_stops_within_seconds(tmp_path):
 
 # -- 12. unwritable or wrong output folders are found before the model loads ---------------------------
 def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
-    import personalize.trainer
+    import personalize.training.trainer
 
-    monkeypatch.setattr(personalize.trainer, "load_models", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(personalize.training.trainer, "load_models", lambda *a: pytest.fail("the model was loaded"))
     target = tmp_path / "a-file"
     target.write_text("mine")
     code, text = run_cli(capsys, train_args(target, "train.max_steps=1"))
@@ -247,9 +247,9 @@ def test_a_read_only_output_dir_is_refused_before_loading(tmp_path, capsys, monk
     import errno
     import tempfile
 
-    import personalize.trainer
+    import personalize.training.trainer
 
-    monkeypatch.setattr(personalize.trainer, "load_models", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(personalize.training.trainer, "load_models", lambda *a: pytest.fail("the model was loaded"))
     real = tempfile.mkstemp
 
     def read_only(*args, dir=None, **kwargs):  # root ignores permissions, so the file system says no
@@ -318,7 +318,7 @@ def test_the_demo_refuses_an_output_folder_that_holds_the_subject(tmp_path, caps
 def test_a_pickled_checkpoint_of_an_earlier_version_resumes_only_with_allow_pickle(tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     reference = tmp_path / "reference"
     assert main(train_args(reference, "train.max_steps=3")) == 0

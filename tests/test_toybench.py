@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.dreambench import toy_subjects
-from personalize.harness import run_benchmark
-from personalize.metrics import SubjectMetrics, as_pil
-from personalize.rows import ToyRendersRow
+from personalize.evaluation.subjects import toy_subjects
+from personalize.evaluation.harness import run_benchmark
+from personalize.evaluation.metrics import SubjectMetrics, as_pil
+from personalize.evaluation.rows import ToyRendersRow
 from personalize.toyworld import heldout_subjects
-from personalize.toyworld.toybench import (
+from personalize.evaluation.toybench import (
     ROWS, reference_specs, toybench_prompts, toybench_rows, toybench_settings, write_references,
 )
 

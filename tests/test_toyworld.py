@@ -79,7 +79,7 @@ def test_heldout_subjects_are_fixed_and_not_in_the_training_supply():
 
 
 def test_validation_subjects_are_neither_held_out_nor_training_subjects():
-    from personalize.dreambench import DataError, toy_subjects
+    from personalize.evaluation.subjects import DataError, toy_subjects
     from personalize.toyworld.world import validation_subject
 
     val = [validation_subject(f"val-{i}") for i in range(20)]
@@ -107,7 +107,7 @@ def test_render_dataset_is_complete_or_absent(tmp_path):
 
 
 def test_toy_tokenizer_round_trip_and_added_tokens():
-    from personalize.toyworld.model import MAX_TOKENS, build_toy_init
+    from personalize.models.toy import MAX_TOKENS, build_toy_init
 
     tokenizer = build_toy_init()[1]["tokenizer"]
     assert len(tokenizer) == 49408 and tokenizer.model_max_length == MAX_TOKENS
@@ -124,7 +124,7 @@ def test_autoencoder_trains_only_the_vae_and_exports_a_loadable_vae(tmp_path):
     trainer = run_training("toy/vae", tmp_path, "train.max_steps=2", "train.batch_size=2",
                            f"data.metadata={tmp_path / 'data' / 'metadata.jsonl'}", "data.toyworld_images=8",
                            "train.mixed_precision=no", "autoencoder.scaling_images=8")
-    from personalize.toyworld.model import build_toy_init
+    from personalize.models.toy import build_toy_init
 
     fresh = build_toy_init()[1]
     models = trainer.inference_models()
@@ -142,7 +142,7 @@ def test_decoder_only_finetuning_keeps_the_latent_space(tmp_path):
     trainer = run_training("toy/vae", tmp_path, "train.max_steps=2", "train.batch_size=2",
                            f"data.metadata={tmp_path / 'data' / 'metadata.jsonl'}", "data.toyworld_images=8",
                            "autoencoder.train_encoder=false", "autoencoder.scaling_images=8")
-    from personalize.toyworld.model import build_toy_init
+    from personalize.models.toy import build_toy_init
 
     fresh = build_toy_init()[1]["vae"]
     vae = trainer.inference_models().vae
@@ -167,7 +167,7 @@ def test_missing_vae_folder_is_a_clear_error(tmp_path):
 def test_shipped_toy_model_loads_in_stock_diffusers_and_samples():
     from diffusers import StableDiffusionPipeline
 
-    from personalize.toyworld.model import TOY_MODEL_DIR
+    from personalize.models.toy import TOY_MODEL_DIR
 
     if not (TOY_MODEL_DIR / "model_index.json").is_file():
         pytest.skip("the pretrained toy model is not in this checkout")
@@ -183,7 +183,7 @@ def test_shipping_a_new_toy_model_keeps_the_record_of_earlier_stages(tmp_path):
     gone) stays, so the card still says how the VAE and the first U-Net stage were trained."""
     from personalize.config import ModelConfig
     from personalize.models import load_models
-    from personalize.toyworld.card import RUNS_NAME, ship
+    from personalize.workflows.toy_model_card import RUNS_NAME, ship
 
     load_models(ModelConfig(base="tiny-sd")).pipeline().save_pretrained(tmp_path / "trained")
     target = tmp_path / "shipped"
@@ -202,8 +202,8 @@ def test_card_lists_a_vae_that_is_measured_but_not_shipped(tmp_path):
     VAE's held-out renders, and the card lists its PSNR and training beside the shipped figure."""
     from personalize.config import ModelConfig
     from personalize.models import load_models
-    from personalize.toyworld.card import measure_vae_candidate, model_card
-    from personalize.toyworld.model import TOY_MODEL_DIR
+    from personalize.workflows.toy_model_card import measure_vae_candidate, model_card
+    from personalize.models.toy import TOY_MODEL_DIR
 
     run = tmp_path / "toy-vae-decoder"
     load_models(ModelConfig(base="tiny-sd")).vae.save_pretrained(run / "vae")
@@ -220,8 +220,9 @@ def test_vae_psnr_by_scene_groups_the_measured_renders():
     """The card breaks the VAE's PSNR down by the renders' scene, lowest first; every render counts once."""
     import numpy as np
 
-    from personalize.toyworld.card import model_card
-    from personalize.toyworld.model import TOY_MODEL_DIR, psnr_by_scene, psnr_specs
+    from personalize.workflows.toy_model_card import model_card
+    from personalize.models.toy import TOY_MODEL_DIR
+    from personalize.toyworld.vae_quality import psnr_by_scene, psnr_specs
 
     specs = psnr_specs(40)
     psnr = np.array([20.0 if s.scene == "city" else 30.0 for s in specs])

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from personalize.toyworld.judge import Judges, to_tensor
-from personalize.toyworld.model import TOY_JUDGES
+from personalize.models.toy import TOY_JUDGES
 from personalize.toyworld.world import ImageSpec, heldout_subjects, render, sample_spec
 
 torch.set_num_threads(1)
@@ -127,7 +127,7 @@ class _FakeVAE:
 
 
 def test_subject_fidelity_through_vae_compares_ceiling_renders_with_their_reconstructions():
-    from personalize.toyworld.card import subject_fidelity_through_vae
+    from personalize.workflows.toy_model_card import subject_fidelity_through_vae
 
     judges = Judges.load(TOY_JUDGES)
     perfect = subject_fidelity_through_vae(_FakeVAE(lambda x: x), judges, n_images=1)

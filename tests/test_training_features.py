@@ -76,7 +76,7 @@ def test_class_images_are_generated_once_and_reused(tmp_path):
     assert len(files) == 3 and all(Image.open(f).size == (64, 64) for f in files)
     stamps = [f.stat().st_mtime_ns for f in files]
     trainer = make_config("tiny/dreambooth", tmp_path / "b", *overrides)
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     t = Trainer(trainer)
     assert t.method.needs_class_images() == 0  # a second run generates none

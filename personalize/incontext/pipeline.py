@@ -21,7 +21,7 @@ from PIL import Image
 from personalize.data.images import DataError
 from personalize.incontext.attention import ReferenceFeatures
 from personalize.incontext.model import InContextSpec, encode_references, load_incontext, predict_noise
-from personalize.precision import warn_if_slow_bf16
+from personalize.utils.precision import warn_if_slow_bf16
 
 
 class ReferenceImageError(DataError):
@@ -115,7 +115,7 @@ class InContextPipeline:
         """``num_images`` images of the references' subject for ``prompt``; image j uses seed ``seed + j``.
         ``bf16``: reference encoding and the U-Net under bfloat16 autocast (the scheduler and the VAE decoder
         stay in float32), as the trainer's ``mixed_precision: bf16``; faster on CPUs with bf16 instructions, much
-        slower on CPUs without them (:mod:`personalize.precision`). ``ref_interval=(lo, hi)``: reference
+        slower on CPUs without them (:mod:`personalize.utils.precision`). ``ref_interval=(lo, hi)``: reference
         guidance only at noise levels ``lo <= t / T <= hi`` (T: the training timesteps), as guidance in a
         limited interval (Kynkaanniemi et al., 2024); elsewhere the reference scale is 1 (the references are
         used, not amplified). ``ref_scale=None``: the model's own (``spec.default_ref_scale``)."""

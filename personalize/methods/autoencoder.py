@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from personalize import losses
+from personalize.methods import losses
 from personalize.config import ConfigError, option
 from personalize.data.datasets import prepare_image
 from personalize.data.images import load_image

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from personalize import losses
+from personalize.methods import losses
 from personalize.config import Config, ConfigError
 from personalize.data.class_images import existing_class_images
 from personalize.data.datasets import ImageDataset, PriorPairDataset, folder_examples, instance_examples, validated

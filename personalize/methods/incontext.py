@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from personalize import losses
+from personalize.methods import losses
 from personalize.config import ConfigError, option
 from personalize.data.clusters import ClusterDataset, read_manifest
 from personalize.incontext.attention import (

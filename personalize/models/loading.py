@@ -31,10 +31,10 @@ def load_components(config) -> tuple[str, dict]:
     if base in TINY_MODELS:
         return build_tiny(base)
     if base == "toy-init":
-        from personalize.toyworld.model import build_toy_init
+        from personalize.models.toy import build_toy_init
         return build_toy_init()
     if base == "toy":
-        from personalize.toyworld.model import toy_model_path
+        from personalize.models.toy import toy_model_path
         return _load_folder(toy_model_path(), config)
     path = Path(base).expanduser()
     if path.is_dir():
@@ -162,7 +162,7 @@ def _load_single_file(path: Path, config) -> tuple[str, dict]:
     return family, components
 
 
-def _offline_message(repo_id: str, setting: str = "model.base", files: str = "",
+def offline_message(repo_id: str, setting: str = "model.base", files: str = "",
                      alternative: str = " (or a single .safetensors file)") -> str:
     """What to do when ``repo_id`` is needed offline; ``setting`` is the option that takes a local copy
     (a recipe key, or a command-line flag such as ``--dino-weights``), ``files`` limits the download."""
@@ -183,13 +183,13 @@ def _hub_snapshot(repo_id: str, config) -> Path:
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
-        raise ModelLoadError(_offline_message(repo_id))
+        raise ModelLoadError(offline_message(repo_id))
     try:
         huggingface_hub.model_info(repo_id, revision=config.revision, timeout=10)
     except RepositoryNotFoundError:
         raise ModelLoadError(f"model.base: '{repo_id}' is neither a local path nor a model on the hub") from None
     except Exception:  # connection refused, DNS failure, timeout: one clear message, no retries
-        raise ModelLoadError(_offline_message(repo_id)) from None
+        raise ModelLoadError(offline_message(repo_id)) from None
     patterns = ["*.json", "*.txt", "*.safetensors"] + (["*.bin"] if config.allow_pickle else [])
     return Path(huggingface_hub.snapshot_download(repo_id, revision=config.revision, allow_patterns=patterns))
 

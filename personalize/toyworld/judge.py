@@ -32,7 +32,7 @@ from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from personalize.errors import ModelLoadError
-from personalize.toyworld.model import TOY_JUDGES
+from personalize.models.toy import TOY_JUDGES
 from personalize.toyworld.world import (
     ACCESSORIES, CLASSES, COLORS, SCENES, SIZE, ImageSpec, render, sample_spec, training_subject,
 )

@@ -38,3 +38,14 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """``"LO,HI"`` (command lines' ``--ref-interval``) as fractions of the noise schedule, 0 <= LO <= HI <= 1."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give LO,HI, two numbers such as 0,0.6") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 <= LO <= HI <= 1 (fractions of the noise schedule)")
+    return lo, hi

@@ -15,9 +15,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from personalize.errors import ModelLoadError
 from personalize.models.tokenizer import build_clip_tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "toyworld" / "assets"  # shipped with the toy world
 TOY_MODEL_DIR = ASSETS / "toy-model"
 TOY_JUDGES = ASSETS / "judges.safetensors"
 
@@ -55,8 +56,6 @@ def toy_unet() -> UNet2DConditionModel:
 def toy_model_path() -> Path:
     """The shipped pretrained toy model, or a clear error if this checkout lacks it."""
     if not (TOY_MODEL_DIR / "model_index.json").is_file():
-        from personalize.models.loading import ModelLoadError
-
         raise ModelLoadError(
             f"the pretrained toy model is not in {TOY_MODEL_DIR}; train it with the recipes in recipes/toy/ "
             "(see docs/toy-model.md) or use model.base=toy-init for random weights")
@@ -72,45 +71,3 @@ def build_toy_init(seed: int = 0) -> tuple[str, dict]:
             "tokenizer": build_clip_tokenizer(MAX_TOKENS), "scheduler": DDPMScheduler(**SCHEDULER),
         }
     return "sd", components
-
-
-def psnr_specs(n: int = 256, seed: int = 12345) -> list:
-    """The render specs :func:`vae_psnr` measures: held-out seeds, every second one a held-out subject."""
-    import numpy as np
-
-    from personalize.toyworld.world import heldout_subjects, sample_spec
-
-    rng = np.random.default_rng([6, seed])
-    subjects = heldout_subjects()
-    return [sample_spec(rng, subjects[i % len(subjects)] if i % 2 else None) for i in range(n)]
-
-
-def psnr_by_scene(psnr, n: int = 256, seed: int = 12345) -> dict[str, float]:
-    """Mean of :func:`vae_psnr`'s per-image figures by the renders' scene ("none": plain background),
-    lowest first: where the VAE loses detail."""
-    import numpy as np
-
-    groups: dict[str, list[float]] = {}
-    for spec, value in zip(psnr_specs(n, seed), psnr):
-        groups.setdefault(spec.scene or "none", []).append(float(value))
-    return dict(sorted(((scene, float(np.mean(v))) for scene, v in groups.items()), key=lambda kv: kv[1]))
-
-
-@torch.no_grad()
-def vae_psnr(vae: AutoencoderKL, n: int = 256, seed: int = 12345, batch_size: int = 32):
-    """PSNR (dB) of ``vae`` reconstructions (posterior mean) of ``n`` fresh renders that no training set
-    holds: held-out seeds, half of them held-out subjects. Returns (per-image PSNR array, renders, recs)."""
-    import numpy as np
-
-    from personalize.toyworld.world import render
-
-    images = np.stack([render(s) for s in psnr_specs(n, seed)])
-    recs = []
-    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(images[start: start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = vae.decode(vae.encode(x.to(device, dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
-        recs.append(((rec + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8))
-    recs = np.concatenate(recs)
-    mse = ((recs.astype(np.float64) - images.astype(np.float64)) ** 2).reshape(n, -1).mean(1)
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)), images, recs

@@ -21,7 +21,7 @@ from typing import Optional
 
 from PIL import Image, ImageOps
 
-from personalize.toyworld.toybench import run_toybench, toybench_rows, toybench_settings
+from personalize.evaluation.toybench import run_toybench, toybench_rows, toybench_settings
 from personalize.toyworld.world import HELDOUT_NAMES, SCENES
 from personalize.utils.output_dir import OutputFolder
 
@@ -37,7 +37,7 @@ def _log(message: str) -> None:
 
 def run_demo(out: Path, subject: Optional[str] = None, methods: tuple[str, ...] = DEFAULT_METHODS, n: int = 1,
              class_noun: str = "star", steps: int = 25, overwrite: bool = False) -> dict[str, Path]:
-    from personalize.toyworld.model import toy_model_path
+    from personalize.models.toy import toy_model_path
 
     toy_model_path()  # a clear error before any work if the model is missing
     toybench_rows(methods)  # an unknown method is refused before any work
@@ -76,8 +76,8 @@ def _toy_subject_demo(out: Path, name: str, methods, n: int, steps: int) -> dict
 
 def _folder_demo(out: Path, folder: Path, methods, n: int, noun: str, steps: int) -> dict[str, Path]:
     from personalize.data.images import check_images, list_images, load_image
-    from personalize.dreambench import BenchSubject, EvalPrompt
-    from personalize.harness import run_benchmark
+    from personalize.evaluation.subjects import BenchSubject, EvalPrompt
+    from personalize.evaluation.harness import run_benchmark
 
     _log("your own images with the toy model: it only knows the 64x64 toy world, so expect toy-like "
          "pictures, not photographs; the toy judges cannot score real photos, so the report has no scores")

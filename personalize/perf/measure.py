@@ -57,8 +57,8 @@ def _sync(device: str) -> None:
 
 # workers (run in a fresh subprocess, or in-process when isolate=False)
 def _load(spec: dict, out_dir: Path, extra: list[str] = ()):
-    from personalize.cli import resolve_recipe
-    from personalize.config import load_config
+    from personalize.recipes import resolve_recipe
+    from personalize.recipes import load_config
 
     # the benchmark's own scratch runs in its work folder: a rerun replaces them
     overrides = [*spec["overrides"], f"train.output_dir={out_dir}", "train.overwrite=true", *extra]
@@ -71,7 +71,7 @@ def measure_case(spec: dict) -> dict:
     """Train one configuration with ``Trainer.train()``; time the steps after warm-up, record memory."""
     import torch
 
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     cuda = spec["device"] == "cuda"
     warmup, steps = int(spec["warmup"]), int(spec["steps"])
@@ -198,7 +198,7 @@ def _extras_breakdown(trainer, batch: dict, reps: int = 200) -> dict[str, float]
     in their place."""
     import torch
 
-    from personalize import losses
+    from personalize.methods import losses
 
     acc, train, params, device = trainer.accelerator, trainer.config.train, trainer.params, trainer.accelerator.device
     seeds, timesteps = batch["sample_seeds"], trainer.models.noise_scheduler.config.num_train_timesteps
@@ -294,7 +294,7 @@ def measure_overhead(spec: dict) -> dict:
     from torch.utils.data import DataLoader
 
     from personalize.data.datasets import StepBatchSampler, collate
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     device = spec["device"]
     out_dir = Path(spec["work_dir"]) / "runs" / "overhead"

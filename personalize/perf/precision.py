@@ -1,7 +1,7 @@
 """How fast autocast precisions train on this CPU: one U-Net training step of the shipped toy model (forward,
 MSE, backward) in float32 and under bfloat16 autocast, the median of a few timed steps after warm-up.
 ``eval/cpu_precision.py`` is the command line; it explains ``train.mixed_precision: auto``
-(:mod:`personalize.precision`), which picks bf16 on a CPU only where it has bfloat16 instructions."""
+(:mod:`personalize.utils.precision`), which picks bf16 on a CPU only where it has bfloat16 instructions."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def toy_unet_step_seconds(precision: str, batch: int = 8, steps: int = 3, warmup
     ``no`` (float32) or ``bf16`` (autocast; the weights stay float32, as the trainer keeps trainable ones)."""
     from diffusers import UNet2DConditionModel
 
-    from personalize.toyworld.model import toy_model_path
+    from personalize.models.toy import toy_model_path
 
     unet = UNet2DConditionModel.from_pretrained(str(toy_model_path()), subfolder="unet", torch_dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personalize.eval import parse_interval
+from personalize.utils.arguments import parse_interval
 from personalize.utils.arguments import finite_float, positive_int, seed
 
 # the shipped toy in-context model used when --model is not given (under personalize/toyworld/assets/): the
@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def default_model() -> Path:
     from personalize.incontext.model import CONFIG_NAME, InContextLoadError
-    from personalize.toyworld.model import ASSETS
+    from personalize.models.toy import ASSETS
 
     path = ASSETS / DEFAULT_MODEL
     if not (path / CONFIG_NAME).is_file():
@@ -185,7 +185,7 @@ def write_outputs(out: Path, images: list, refs: References) -> list[Path]:
     """The images, the grid and the retrieved references, each atomically; on an error the files written
     so far are removed again (they are this run's)."""
     from personalize.errors import OutputError
-    from personalize.generate import image_grid
+    from personalize.cli.generate import image_grid
     from personalize.utils.files import atomic_write_bytes, atomic_write_text, save_image
 
     written: list[Path] = []

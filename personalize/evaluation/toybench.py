@@ -2,10 +2,10 @@
 
 For each held-out subject: 4 reference renders (the "photos" a user brings), the prompt templates of
 DreamBench's three kinds (recontextualization, accessorization, property modification), a few images
-per prompt with fixed seeds. It runs on the evaluation harness (:mod:`personalize.harness`) like
+per prompt with fixed seeds. It runs on the evaluation harness (:mod:`personalize.evaluation.harness`) like
 DreamBench: a method personalizes the toy base model on the references with this project's trainer and
 a recipe (``recipes/toy/<method>.yaml``), then generates; the judges
-(:class:`personalize.toyworld.judge_metrics.ToyJudgeMetrics`) score subject fidelity (identity-embedding cosine to the
+(:class:`personalize.evaluation.metrics.toy.ToyJudgeMetrics`) score subject fidelity (identity-embedding cosine to the
 references, like DINO) and prompt fidelity (the fraction of images that show what the prompt asked).
 The *ceiling* row scores real renders of the subject in each prompt's context; the *base* row is the
 base model prompted with the class noun.
@@ -85,7 +85,7 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
     """Harness rows by ToyBench name: ``base``, a fine-tuning method of :data:`METHOD_RECIPES`,
     ``dreambooth_no_prior`` (DreamBooth without prior preservation), ``ceiling`` (real renders) and
     ``incontext[_LABEL][:FOLDER]`` (an in-context model; default: the shipped toy one)."""
-    from personalize.rows import BaseModelRow, FineTuneRow, InContextRow, ToyRendersRow
+    from personalize.evaluation.rows import BaseModelRow, FineTuneRow, InContextRow, ToyRendersRow
 
     unknown = [r for r in rows if r not in ROWS and not r.startswith("incontext")]
     if unknown:
@@ -94,7 +94,7 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
     out = []
     for name in rows:
         if name.startswith("incontext"):
-            from personalize.incontext.zero_shot import default_model
+            from personalize.cli.zero_shot import default_model
 
             label, _, folder = name.partition(":")
             out.append(InContextRow(base, label, folder or str(default_model())))
@@ -119,7 +119,7 @@ def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 
     captioned, guidance 4: 0.502 / 0.725; captioned, guidance 6: 0.475 / 0.800. In-context rows: each
     model's own reference guidance (the ``ref_scale`` it was shipped with, chosen on validation subjects:
     6 for toy-incontext-self, 4 for toy-incontext) unless ``ref_guidance`` is given."""
-    from personalize.harness import EvalSettings
+    from personalize.evaluation.harness import EvalSettings
 
     return EvalSettings(out=str(out), images_per_prompt=n, steps=steps, guidance=guidance, batch_size=40,
                         token=TOKEN, drift_images=drift_images, title=title, keep_weights=keep_weights,
@@ -134,9 +134,9 @@ def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int
     markdown report under a line naming ``command`` and the wall-clock time)."""
     import time
 
-    from personalize.dreambench import find_toy_subjects, toy_subjects
-    from personalize.harness import check_out, run_benchmark
-    from personalize.toyworld.judge_metrics import ToyJudgeMetrics
+    from personalize.evaluation.subjects import find_toy_subjects, toy_subjects
+    from personalize.evaluation.harness import check_out, run_benchmark
+    from personalize.evaluation.metrics.toy import ToyJudgeMetrics
 
     start = time.perf_counter()
     eval_settings = toybench_settings(out, n=n, steps=steps, **settings).check()

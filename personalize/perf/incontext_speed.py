@@ -32,9 +32,9 @@ def incontext_photos_to_images(pipe, references: list[Path], captions: list[str]
 def finetune_photos_to_images(recipe: str, references: Path, class_noun: str, prompt: str, out_dir: Path,
                               n: int = 4, steps: int = 25, base: Optional[str] = None) -> dict:
     """Train ``recipe`` on the references (as ToyBench does), then generate ``n`` images."""
-    from personalize.dreambench import BenchSubject, EvalPrompt
-    from personalize.harness import EvalSettings
-    from personalize.rows import FineTuneRow
+    from personalize.evaluation.subjects import BenchSubject, EvalPrompt
+    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.rows import FineTuneRow
 
     subject = BenchSubject("speed", class_noun, sorted(references.glob("*.png")),
                            [EvalPrompt(0, prompt.replace(class_noun, "{}", 1), "recontextualization")])

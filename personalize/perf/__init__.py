@@ -10,7 +10,7 @@ B. ``sd15`` (and ``sdxl``): LoRA on a random-weight model of SD 1.5's (SDXL's) e
 C. ``overhead``: ``Trainer`` steps against a bare hand-written PyTorch loop doing the same math on the
    same modules and the same batch, interleaved in one process; the median of per-round ratios.
 
-Every configuration of A and B runs in a fresh subprocess (``python -m personalize.bench --worker``),
+Every configuration of A and B runs in a fresh subprocess (``python -m personalize.perf --worker``),
 so its peak memory (``ru_maxrss`` / ``VmHWM``; ``torch.cuda.max_memory_allocated`` on CUDA) is its own.
 Warm-up steps are excluded from every timing.
 
@@ -33,12 +33,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from personalize.bench.cases import (METHODS, PARTS, ROOT, TINY_RECIPES, VARIATION_LABELS, VARIATIONS,
+from personalize.perf.cases import (METHODS, PARTS, ROOT, TINY_RECIPES, VARIATION_LABELS, VARIATIONS,
                                      BenchSettings, _data_overrides, plan_cases)
-from personalize.bench.measure import BareLoop, measure_case, measure_overhead
-from personalize.bench.models import (RESULT_MARK, WORKERS, _set_threads, build_random_model, run_worker,
+from personalize.perf.measure import BareLoop, measure_case, measure_overhead
+from personalize.perf.models import (RESULT_MARK, WORKERS, _set_threads, build_random_model, run_worker,
                                       sd15_configs, sdxl_configs, worker_main)
-from personalize.bench.report import (Report, _loadavg, environment, merge_passes, overhead_table, print_summary,
+from personalize.perf.report import (Report, _loadavg, environment, merge_passes, overhead_table, print_summary,
                                       render_markdown, sd_table, tiny_table)
 
 __all__ = ["METHODS", "PARTS", "ROOT", "RESULT_MARK", "TINY_RECIPES", "VARIATIONS", "VARIATION_LABELS", "WORKERS",

@@ -50,7 +50,7 @@ class ApprenticeshipSettings:
 
 
 def _slug(text: str) -> str:
-    from personalize.rows import slug
+    from personalize.evaluation.rows import slug
 
     return slug(text)
 
@@ -74,9 +74,9 @@ def run_apprenticeship(manifest: str | Path, settings: ApprenticeshipSettings, m
 def apprentice_cluster(name: str, examples: list[ClusterRecord], settings: ApprenticeshipSettings,
                        metrics: Sequence, log: Callable[[str], None]) -> dict:
     """Train the expert on one cluster, generate, score, keep the best; skipped when done earlier."""
-    from personalize.dreambench import BenchSubject, EvalPrompt, prompt_kind
-    from personalize.harness import EvalSettings
-    from personalize.rows import FineTuneRow, _write_json
+    from personalize.evaluation.subjects import BenchSubject, EvalPrompt, prompt_kind
+    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.rows import FineTuneRow, _write_json
 
     work = Path(settings.out) / "clusters" / _slug(name)
     result_file = work / "result.json"

@@ -1,4 +1,4 @@
-"""ToyBench's judges behind the harness's metric interface (:class:`personalize.metrics.SubjectMetrics`):
+"""ToyBench's judges behind the harness's metric interface (:class:`personalize.evaluation.metrics.SubjectMetrics`):
 subject fidelity from the identity embedding, prompt fidelity from the attribute judge."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from personalize.metrics import MetricWeightsError, SubjectMetrics, as_pil
+from personalize.evaluation.metrics.base import MetricWeightsError, SubjectMetrics, as_pil
 
 
 def toy_prompt_attributes(prompt: str) -> dict[str, str]:
@@ -60,7 +60,7 @@ class ToyJudgeMetrics(SubjectMetrics):
 
         from personalize.errors import ModelLoadError
         from personalize.toyworld.judge import Judges
-        from personalize.toyworld.model import TOY_JUDGES
+        from personalize.models.toy import TOY_JUDGES
 
         try:
             metric = cls(Judges.load(path))

@@ -21,8 +21,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from personalize import checkpointing
-from personalize.checkpointing import StopRequest, TrainingStopped
+from personalize.training import checkpoints as checkpointing
+from personalize.training.checkpoints import StopRequest, TrainingStopped
 from personalize.config import Config, ConfigError
 from personalize.errors import CheckpointError, OutputError, TrainingDiverged
 from personalize.data.cache import TextCache, cache_latents
@@ -31,8 +31,8 @@ from personalize.data.datasets import PriorPairDataset, StepBatchSampler, collat
 from personalize.methods import get_method_class
 from personalize.methods.base import _unwrap
 from personalize.models import load_models
-from personalize.optim import build_lr_scheduler, build_optimizer
-from personalize.precision import resolve_mixed_precision
+from personalize.training.optimizers import build_lr_scheduler, build_optimizer
+from personalize.utils.precision import resolve_mixed_precision
 from personalize.utils.files import atomic_write_json
 from personalize.utils.output_dir import OutputFolder, is_main_process
 
@@ -157,7 +157,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """A checkpoint with no pickle in it (:mod:`personalize.checkpointing`); DeepSpeed's own format
+        """A checkpoint with no pickle in it (:mod:`personalize.training.checkpoints`); DeepSpeed's own format
         (``accelerator.save_state``, pickled) only under DeepSpeed, whose optimizer state is sharded."""
         acc = self.accelerator
         state = {"global_step": self.step, "method": self.method.name, "config": self.config.to_dict(),
@@ -363,7 +363,7 @@ class Trainer:
         return models
 
     def validate(self) -> Path | None:
-        from personalize.generate import image_grid, render
+        from personalize.cli.generate import image_grid, render
 
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()

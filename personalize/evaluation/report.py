@@ -6,7 +6,7 @@ Everything is read from ``<out>/plan.json``, ``<out>/references/<subject>/result
 ``<out>/<row>/<subject>/result.json``, so any process can rewrite the report at any time; subjects not
 finished yet are listed as pending.
 
-Each result carries ``made_with`` (:mod:`personalize.harness`): what its numbers were made with. Results
+Each result carries ``made_with`` (:mod:`personalize.evaluation.harness`): what its numbers were made with. Results
 made with the same (apart from each subject's own photos and prompt texts) share a settings id, S1, S2,
 ...; every table names the ids of its numbers and the Settings table spells them out. A row whose
 subjects were made with different settings gets one line per id: such numbers are never averaged.
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
-from personalize.dreambench import KIND_NAMES, KINDS
+from personalize.evaluation.subjects import KIND_NAMES, KINDS
 from personalize.errors import DataError
-from personalize.metrics import DISPLAY_NAMES
-from personalize.rows import flat
+from personalize.evaluation.metrics import DISPLAY_NAMES
+from personalize.evaluation.rows import flat
 from personalize.utils.files import atomic_write_json, atomic_write_text, save_image
 
 REAL = "real images"
@@ -363,7 +363,7 @@ def markdown(plan: dict, subjects: dict, table: dict, groups: dict, grids: Optio
 def _environment():
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.PackageLoader("personalize", "templates"), autoescape=True,
+    return jinja2.Environment(loader=jinja2.PackageLoader("personalize.evaluation", "templates"), autoescape=True,
                               undefined=jinja2.StrictUndefined)
 
 

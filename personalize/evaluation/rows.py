@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from personalize.dreambench import BenchSubject
+from personalize.evaluation.subjects import BenchSubject
 from personalize.errors import ConfigError
 from personalize.utils.files import atomic_write_json
 
 if TYPE_CHECKING:
-    from personalize.harness import EvalSettings
+    from personalize.evaluation.harness import EvalSettings
 
 Log = Callable[[str], None]
 
@@ -178,8 +178,8 @@ class FineTuneRow(Row):
     generation_keys = ("images_per_prompt", "seed", "steps", "guidance", "resolution", "token", "drift_images")
 
     def __init__(self, recipe: str, overrides: Sequence[str] = (), label: Optional[str] = None):
-        from personalize.cli import resolve_recipe
-        from personalize.config import load_config
+        from personalize.recipes import resolve_recipe
+        from personalize.recipes import load_config
 
         self.recipe, self.overrides = resolve_recipe(recipe), tuple(overrides)
         self.config = load_config(self.recipe, list(self.overrides))  # refuses a bad recipe before any work
@@ -192,7 +192,7 @@ class FineTuneRow(Row):
 
     def recipe_name(self) -> str:
         """The recipe as `personalize recipes` names it (``tiny/lora``), or its path."""
-        from personalize.cli import RECIPES_DIR
+        from personalize.recipes import RECIPES_DIR
 
         try:
             return self.recipe.resolve().relative_to(RECIPES_DIR).with_suffix("").as_posix()
@@ -203,7 +203,7 @@ class FineTuneRow(Row):
         """What the trained weights depend on besides the subject's photos: the recipe as loaded with the
         user's overrides (keys that do not change what a run computes left out), how the prompts name the
         subject, captioned references and the resolution."""
-        from personalize.checkpointing import RUN_INDEPENDENT
+        from personalize.training.checkpoints import RUN_INDEPENDENT
 
         config = {k: v for k, v in flat(self.config.to_dict()).items()
                   if not (k in RUN_INDEPENDENT or k.startswith(RUN_INDEPENDENT))}
@@ -265,8 +265,8 @@ class FineTuneRow(Row):
         """Train on the subject, or reuse the training in ``work_dir/run`` when ``work_dir/train.json`` says
         it was made with the same settings and photos (finished, or stopped: then the trainer resumes it).
         A training made with other settings is removed first: ``run/`` is this harness's own folder."""
-        from personalize.config import load_config
-        from personalize.trainer import Trainer
+        from personalize.recipes import load_config
+        from personalize.training.trainer import Trainer
 
         run_dir, record = work_dir / "run", work_dir / "train.json"
         made_with = {**self.training_made_with(settings), "references": file_digests(subject.references)}
@@ -304,7 +304,7 @@ class FineTuneRow(Row):
 
     def pipeline(self, run_dir: Path):
         """Stock diffusers over the export: a pipeline folder, LoRA weights or learned embeddings."""
-        from personalize.generate import build_pipeline
+        from personalize.cli.generate import build_pipeline
 
         if (run_dir / "model_index.json").is_file():
             return build_pipeline(str(run_dir))
@@ -394,7 +394,7 @@ class BaseModelRow(ZeroShotRow):
                               "whose model.base it takes)")
 
     def _images(self, texts: list[str], n: int, settings: EvalSettings) -> list[list[Image.Image]]:
-        from personalize.generate import build_pipeline
+        from personalize.cli.generate import build_pipeline
 
         self.check([])
         pipe = build_pipeline(self.base).to(settings.torch_device())

@@ -160,7 +160,7 @@ def load_dreambench(folder: str | Path, subjects: Optional[Sequence[str]] = None
 def find_toy_subjects(names: Sequence[str], prompt_indices: Optional[Sequence[int]] = None) -> list:
     """The toy-world subjects (``personalize.toyworld.Subject``) named: held-out ones or validation ones
     (``val-N``); unknown names (``--toy``) and prompt indices (``--prompts``) are refused, nothing is written."""
-    from personalize.toyworld.toybench import toybench_prompts
+    from personalize.evaluation.toybench import toybench_prompts
     from personalize.toyworld.world import heldout_subjects, is_validation_name, validation_subject
 
     if not names:
@@ -185,7 +185,7 @@ def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optio
     """Held-out toy-world subjects (or validation subjects ``val-N``, for choosing settings) as benchmark
     subjects: their reference renders are written to ``folder/<name>/`` and their prompts are ToyBench's
     (same kinds as DreamBench)."""
-    from personalize.toyworld.toybench import reference_specs, toybench_prompts, write_references
+    from personalize.evaluation.toybench import reference_specs, toybench_prompts, write_references
     from personalize.toyworld.world import caption
 
     found = find_toy_subjects(names, prompt_indices)

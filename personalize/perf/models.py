@@ -1,6 +1,6 @@
 """Random-weight SD 1.5 / SDXL pipelines of the real architectures (:func:`sd15_configs`,
 :func:`sdxl_configs`, :func:`build_random_model`) and the workers: :func:`worker_main` (the entry point of
-``python -m personalize.bench --worker SPEC``), :func:`run_worker` (one spec in a fresh subprocess or in
+``python -m personalize.perf --worker SPEC``), :func:`run_worker` (one spec in a fresh subprocess or in
 this process) and the torch thread setting."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from personalize.bench.cases import ROOT, BenchSettings
-from personalize.bench.measure import measure_case, measure_overhead
+from personalize.perf.cases import ROOT, BenchSettings
+from personalize.perf.measure import measure_case, measure_overhead
 
 RESULT_MARK = "BENCH_RESULT "
 
@@ -121,7 +121,7 @@ def run_worker(spec: dict, settings: BenchSettings, log: Callable[[str], None] =
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark stays on the CPU
     if settings.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(settings.threads)
-    proc = subprocess.run([sys.executable, "-m", "personalize.bench", "--worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "personalize.perf", "--worker", json.dumps(spec)],
                           cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=settings.case_timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):

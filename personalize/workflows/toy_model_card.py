@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from personalize.toyworld.model import TOY_MODEL_DIR, psnr_by_scene, vae_psnr
+from personalize.models.toy import TOY_MODEL_DIR
+from personalize.toyworld.vae_quality import psnr_by_scene, vae_psnr
 from personalize.toyworld.world import render, sample_spec
 
 RUNS_NAME = "training_runs.json"  # kept with the weights: the training stages' own run folders are not
@@ -49,8 +50,8 @@ def ship(source: Path, target: Path = TOY_MODEL_DIR) -> Path:
 def prompt_readback(pipe, judges, n: int = 200, seed: int = 777, steps: int = 25, guidance: float = 4.0) -> dict:
     """Generate one image for each of ``n`` random captions; the fraction whose class / color / scene the
     attribute judge reads as captioned, and the same on real renders of the captions (the ceiling)."""
-    from personalize.harness import EvalSettings
-    from personalize.rows import generate_images
+    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.rows import generate_images
     from personalize.toyworld.world import caption
 
     rng = np.random.default_rng([7, seed])
@@ -76,7 +77,7 @@ def subject_fidelity_through_vae(vae, judges, n_images: int = 2) -> dict:
     and the same renders through ``vae`` (posterior mean, decoded), which is what a U-Net that produced
     exactly the right latents would show. Means over subjects."""
     from personalize.toyworld.judge import reconstruct
-    from personalize.toyworld.toybench import reference_specs, toybench_prompts
+    from personalize.evaluation.toybench import reference_specs, toybench_prompts
     from personalize.toyworld.world import heldout_subjects
 
     real, decoded = [], []

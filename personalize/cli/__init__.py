@@ -15,28 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # errors of the file system that are the user's to fix (full disk, read-only, no permission, ...)
 _USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                    errno.EISDIR, errno.ENAMETOOLONG}
 
 
-def resolve_recipe(name: str) -> Path:
-    """A path, or a shipped recipe name such as ``tiny/lora`` or ``dreambooth-sd15``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    return path  # load_config reports that it does not exist
-
-
-def shipped_recipes() -> list[Path]:
-    return sorted(p for p in RECIPES_DIR.rglob("*.yaml") if "accelerate" not in p.parts)
-
-
-def _setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("diffusers", "transformers", "accelerate", "bitsandbytes", "httpx"):
@@ -44,8 +28,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_train(args) -> int:
-    from personalize.config import load_config
-    from personalize.trainer import Trainer
+    from personalize.recipes import load_config, resolve_recipe
+    from personalize.training.trainer import Trainer
 
     config = load_config(resolve_recipe(args.recipe), args.overrides)
     out = Trainer(config).train()
@@ -54,13 +38,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from personalize.generate import run
+    from personalize.cli.generate import run
 
     return run(args)
 
 
 def cmd_demo(args) -> int:
-    from personalize.toyworld.demo import run_demo
+    from personalize.workflows.demo import run_demo
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     choices = ("incontext", "lora", "textual_inversion", "dreambooth")
@@ -76,18 +60,20 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from personalize.eval import run
+    from personalize.cli.eval import run
 
     return run(args)
 
 
 def cmd_zero_shot(args) -> int:
-    from personalize.incontext.zero_shot import run
+    from personalize.cli.zero_shot import run
 
     return run(args)
 
 
 def cmd_recipes(args) -> int:
+    from personalize.recipes import RECIPES_DIR, shipped_recipes
+
     for path in shipped_recipes():
         first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
         print(f"{str(path.relative_to(RECIPES_DIR).with_suffix('')):28s} {first}")
@@ -107,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
 
-    from personalize.generate import __doc__ as generate_doc, add_arguments as add_generate_arguments
+    from personalize.cli.generate import __doc__ as generate_doc, add_arguments as add_generate_arguments
 
     p = sub.add_parser("generate", help="generate images with a base model + LoRA / embeddings / DreamBooth output",
                        description=generate_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,14 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings match, the report is rewritten)")
     p.set_defaults(func=cmd_demo)
 
-    from personalize.eval import __doc__ as eval_doc, add_arguments as add_eval_arguments
+    from personalize.cli.eval import __doc__ as eval_doc, add_arguments as add_eval_arguments
 
     p = sub.add_parser("eval", help="DreamBench table (DINO, CLIP-I, CLIP-T) or ToyBench for any method, with reports",
                        description=eval_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
-    from personalize.incontext.zero_shot import __doc__ as zero_shot_doc, add_arguments as add_zero_shot_arguments
+    from personalize.cli.zero_shot import __doc__ as zero_shot_doc, add_arguments as add_zero_shot_arguments
 
     p = sub.add_parser("zero-shot", help="generate a subject from reference photos with an in-context model",
                        description=zero_shot_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from personalize.errors import USER_ERRORS
 
     try:

@@ -1,5 +1,5 @@
-"""The evaluation harness: run each row (:mod:`personalize.rows`) on benchmark subjects, score the
-images with :class:`~personalize.metrics.SubjectMetrics`, write the report (:mod:`personalize.report`).
+"""The evaluation harness: run each row (:mod:`personalize.evaluation.rows`) on benchmark subjects, score the
+images with :class:`~personalize.evaluation.metrics.SubjectMetrics`, write the report (:mod:`personalize.evaluation.report`).
 
 For each subject and row: ``len(prompts) x images_per_prompt`` images, image ``j`` of every prompt
 with seed ``seed + j`` (the same seeds for every row), scored by each metric. Per (row, subject) the
@@ -27,10 +27,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from personalize.dreambench import BenchSubject, LaunchState, shard
+from personalize.evaluation.subjects import BenchSubject, LaunchState, shard
 from personalize.errors import ConfigError, OutputError
-from personalize.metrics import SubjectMetrics, copy_paste_rate, metric_names
-from personalize.rows import (
+from personalize.evaluation.metrics import SubjectMetrics, copy_paste_rate, metric_names
+from personalize.evaluation.rows import (
     Log, PeakMemory, Row, _free_memory, _write_json, as_json, changes, file_digests, read_json,
 )
 from personalize.utils.device import resolve_device
@@ -102,7 +102,7 @@ def references_made_with(subject: BenchSubject, metrics: Sequence[SubjectMetrics
 def result_made_with(row: Row, subject: BenchSubject, metrics: Sequence[SubjectMetrics],
                      settings: EvalSettings) -> dict:
     """Everything the numbers of (``row``, ``subject``) depend on; ``prompt_templates`` and ``references``
-    are the subject's own, the rest is the same for every subject of a row (:mod:`personalize.report`
+    are the subject's own, the rest is the same for every subject of a row (:mod:`personalize.evaluation.report`
     groups results by it)."""
     return as_json({"row": row.made_with(settings), "prompts": [p.index for p in subject.prompts],
                     "metrics": [m.describe() for m in metrics],
@@ -140,7 +140,7 @@ def prepare_references(subject: BenchSubject, metrics: Sequence[SubjectMetrics],
                        thumbnail: int = 256, log: Log = logger.info) -> dict:
     """Thumbnails for the report and the real-images row (references against each other), once per
     photos and metrics."""
-    from personalize.metrics import as_pil
+    from personalize.evaluation.metrics import as_pil
 
     folder = settings.out_dir / "references" / subject.slug
     result_file = folder / "result.json"
@@ -170,7 +170,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def summarize_prompts(per_prompt: list[dict], names: Sequence[str]) -> dict:
     """Means over a subject's prompts: overall and per kind (kinds without prompts are left out)."""
-    from personalize.dreambench import KINDS
+    from personalize.evaluation.subjects import KINDS
 
     out = {"mean": {k: _mean([p["scores"][k] for p in per_prompt]) for k in names}, "kinds": {}}
     for kind in KINDS:
@@ -185,7 +185,7 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
                      log: Log = logger.info) -> dict:
     """Personalize (if the row does), generate, score and record one subject; skip it if done earlier
     with the same ``made_with`` (:func:`result_made_with`), make it again if done otherwise."""
-    from personalize.metrics import as_pil
+    from personalize.evaluation.metrics import as_pil
 
     work_dir = settings.out_dir / row.label / subject.slug
     result_file = work_dir / "result.json"
@@ -303,7 +303,7 @@ def check_out(out: str | Path, option: str = "--out") -> Path:
 def run_benchmark(subjects: Sequence[BenchSubject], rows: Sequence[Row], metrics: Sequence[SubjectMetrics],
                   settings: EvalSettings, state=None, log: Log = logger.info, data: str = "") -> dict[str, Path]:
     """Evaluate every row on this process's share of ``subjects``; write the report files."""
-    from personalize.report import write_report
+    from personalize.evaluation.report import write_report
 
     settings.check()
     for row in rows:

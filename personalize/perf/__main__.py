@@ -1,8 +1,8 @@
-"""``python -m personalize.bench --worker SPEC``: run one benchmark worker (see :func:`run_worker`)."""
+"""``python -m personalize.perf --worker SPEC``: run one benchmark worker (see :func:`run_worker`)."""
 
 import sys
 
-from personalize.bench.models import worker_main
+from personalize.perf.models import worker_main
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "--worker":

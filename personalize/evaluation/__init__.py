@@ -1,0 +1,1 @@
+"""The evaluation harness: subjects, settings, rows, metrics, reports, ToyBench."""

@@ -1,0 +1,1 @@
+"""THE trainer over Accelerate, its optimizers and its checkpoints."""
