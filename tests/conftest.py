@@ -26,15 +26,15 @@ def load_script(relative: str):
 
 
 def make_config(recipe: str, tmp_path: Path, *overrides: str):
-    from personalize.cli import resolve_recipe
-    from personalize.config import load_config
+    from personalize.recipes import resolve_recipe
+    from personalize.recipes import load_config
 
     return load_config(resolve_recipe(recipe), [f"train.output_dir={tmp_path / 'run'}", *QUIET, *overrides])
 
 
 def run_training(recipe: str, tmp_path: Path, *overrides: str):
     """Train ``recipe`` (a shipped name like 'tiny/lora') to the end; return the finished Trainer."""
-    from personalize.trainer import Trainer
+    from personalize.training.trainer import Trainer
 
     trainer = Trainer(make_config(recipe, tmp_path, *overrides))
     trainer.train()

@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 
 from personalize.evaluation import harness, rows
+from personalize.evaluation.toybench import toy_subjects
 from personalize.evaluation.subjects import (
-    KINDS, LaunchState, load_dreambench, parse_prompts_file, prompt_kind, shard, toy_subjects,
+    KINDS, LaunchState, load_dreambench, parse_prompts_file, prompt_kind, shard,
 )
-from personalize.evaluation.harness import EvalSettings, evaluate_subject, run_benchmark
+from personalize.evaluation.harness import evaluate_subject, run_benchmark
+from personalize.evaluation.settings import EvalSettings
 from personalize.evaluation.metrics import SubjectMetrics
 from personalize.evaluation.rows import Row
 

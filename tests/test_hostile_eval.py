@@ -30,7 +30,7 @@ def no_models(monkeypatch):
         raise AssertionError("a model was loaded before the input was refused")
 
     monkeypatch.setattr("personalize.training.trainer.Trainer", forbidden)
-    monkeypatch.setattr("personalize.cli.generate.build_pipeline", forbidden)
+    monkeypatch.setattr("personalize.sampling.build_pipeline", forbidden)
     return forbidden
 
 

@@ -359,7 +359,8 @@ def test_incontext_row_in_the_harness(train_run, tmp_path, monkeypatch):
     import json
 
     from personalize.evaluation.subjects import BenchSubject, EvalPrompt, LaunchState
-    from personalize.evaluation.harness import EvalSettings, run_benchmark
+    from personalize.evaluation.harness import run_benchmark
+    from personalize.evaluation.settings import EvalSettings
     from personalize.incontext.pipeline import InContextPipeline
     from personalize.evaluation.metrics import load_metrics
     from personalize.evaluation.rows import build_row

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.evaluation.subjects import toy_subjects
+from personalize.evaluation.toybench import toy_subjects
 from personalize.evaluation.harness import run_benchmark
 from personalize.evaluation.metrics import SubjectMetrics, as_pil
 from personalize.evaluation.rows import ToyRendersRow

@@ -79,7 +79,8 @@ def test_heldout_subjects_are_fixed_and_not_in_the_training_supply():
 
 
 def test_validation_subjects_are_neither_held_out_nor_training_subjects():
-    from personalize.evaluation.subjects import DataError, toy_subjects
+    from personalize.evaluation.subjects import DataError
+    from personalize.evaluation.toybench import toy_subjects
     from personalize.toyworld.world import validation_subject
 
     val = [validation_subject(f"val-{i}") for i in range(20)]

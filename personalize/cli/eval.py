@@ -97,7 +97,8 @@ def run(args) -> int:
     generates (each refusal names its option: a :class:`UserError`, exit code 2, nothing written); then
     run the benchmark. ``--report-only`` rewrites the report from the results in ``--out``."""
     from personalize.errors import ConfigError, OutputError
-    from personalize.evaluation.harness import EvalSettings, check_out, launch_state, run_benchmark
+    from personalize.evaluation.harness import check_out, launch_state, run_benchmark
+    from personalize.evaluation.settings import EvalSettings
     from personalize.evaluation.report import write_report
     from personalize.utils.output_dir import check_writable, refuse_inputs_inside
 
@@ -130,7 +131,8 @@ def run(args) -> int:
                             title=args.title or ("ToyBench" if args.toy else "DreamBench")).check()
     out = check_out(args.out)
     refuse_inputs_inside(out, "--out", {"--data": [args.data] if args.data else []})
-    from personalize.evaluation.subjects import find_toy_subjects, load_dreambench, toy_subjects
+    from personalize.evaluation.subjects import load_dreambench
+    from personalize.evaluation.toybench import find_toy_subjects, toy_subjects
     from personalize.evaluation.metrics import load_metrics
     from personalize.evaluation.rows import build_row
 

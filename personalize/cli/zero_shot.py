@@ -185,7 +185,7 @@ def write_outputs(out: Path, images: list, refs: References) -> list[Path]:
     """The images, the grid and the retrieved references, each atomically; on an error the files written
     so far are removed again (they are this run's)."""
     from personalize.errors import OutputError
-    from personalize.cli.generate import image_grid
+    from personalize.sampling import image_grid
     from personalize.utils.files import atomic_write_bytes, atomic_write_text, save_image
 
     written: list[Path] = []

@@ -34,7 +34,7 @@ from personalize.errors import ConfigError
 from personalize.utils.files import atomic_write_json
 
 if TYPE_CHECKING:
-    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.settings import EvalSettings
 
 Log = Callable[[str], None]
 
@@ -304,7 +304,7 @@ class FineTuneRow(Row):
 
     def pipeline(self, run_dir: Path):
         """Stock diffusers over the export: a pipeline folder, LoRA weights or learned embeddings."""
-        from personalize.cli.generate import build_pipeline
+        from personalize.sampling import build_pipeline
 
         if (run_dir / "model_index.json").is_file():
             return build_pipeline(str(run_dir))
@@ -394,7 +394,7 @@ class BaseModelRow(ZeroShotRow):
                               "whose model.base it takes)")
 
     def _images(self, texts: list[str], n: int, settings: EvalSettings) -> list[list[Image.Image]]:
-        from personalize.cli.generate import build_pipeline
+        from personalize.sampling import build_pipeline
 
         self.check([])
         pipe = build_pipeline(self.base).to(settings.torch_device())

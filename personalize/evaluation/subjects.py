@@ -113,7 +113,7 @@ def parse_prompts_file(path: str | Path) -> PromptLists:
     return lists
 
 
-def _select_prompts(templates: list[str], indices: Optional[Sequence[int]]) -> list[EvalPrompt]:
+def select_prompts(templates: list[str], indices: Optional[Sequence[int]]) -> list[EvalPrompt]:
     chosen = range(len(templates)) if indices is None else indices
     if not chosen:
         raise DataError("--prompts: give at least one prompt index (such as 0,10,20)")
@@ -152,51 +152,8 @@ def load_dreambench(folder: str | Path, subjects: Optional[Sequence[str]] = None
         if not photos:
             raise DataError(f"{folder / name}: no photos")
         live = cls in LIVE_CLASSES
-        prompts = _select_prompts(lists.live_prompts if live else lists.object_prompts, prompt_indices)
+        prompts = select_prompts(lists.live_prompts if live else lists.object_prompts, prompt_indices)
         out.append(BenchSubject(name, cls, photos, prompts, live))
-    return out
-
-
-def find_toy_subjects(names: Sequence[str], prompt_indices: Optional[Sequence[int]] = None) -> list:
-    """The toy-world subjects (``personalize.toyworld.Subject``) named: held-out ones or validation ones
-    (``val-N``); unknown names (``--toy``) and prompt indices (``--prompts``) are refused, nothing is written."""
-    from personalize.evaluation.toybench import toybench_prompts
-    from personalize.toyworld.world import heldout_subjects, is_validation_name, validation_subject
-
-    if not names:
-        raise DataError("--toy: name at least one toy subject (such as zorbo), or 'all'")
-    by_name = {s.name: s for s in heldout_subjects()}
-    by_name.update({n: validation_subject(n) for n in names if is_validation_name(n)})
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise DataError(f"--toy: unknown toy subjects {', '.join(unknown)}; held-out subjects: "
-                        f"{', '.join(s.name for s in heldout_subjects())}; validation subjects: val-0, val-1, ...")
-    twice = sorted({n for n in names if list(names).count(n) > 1})
-    if twice:
-        raise DataError(f"--toy: {', '.join(twice)} named more than once")
-    found = [by_name[n] for n in names]
-    for subject in found:
-        _select_prompts([p.template for p in toybench_prompts(subject)], prompt_indices)
-    return found
-
-
-def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optional[Sequence[int]] = None,
-                 n_references: int = 4) -> list[BenchSubject]:
-    """Held-out toy-world subjects (or validation subjects ``val-N``, for choosing settings) as benchmark
-    subjects: their reference renders are written to ``folder/<name>/`` and their prompts are ToyBench's
-    (same kinds as DreamBench)."""
-    from personalize.evaluation.toybench import reference_specs, toybench_prompts, write_references
-    from personalize.toyworld.world import caption
-
-    found = find_toy_subjects(names, prompt_indices)
-    out = []
-    for name, subject in zip(names, found):
-        toy_prompts = toybench_prompts(subject)
-        prompts = [EvalPrompt(p.index, p.template, p.kind, toy_prompts[p.index])
-                   for p in _select_prompts([t.template for t in toy_prompts], prompt_indices)]
-        references = write_references(subject, Path(folder) / name, n_references)
-        captions = [caption(spec) for spec in reference_specs(subject, n_references)]
-        out.append(BenchSubject(name, subject.cls, references, prompts, toy=subject, reference_captions=captions))
     return out
 
 

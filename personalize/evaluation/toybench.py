@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from personalize.errors import ConfigError
+from personalize.errors import ConfigError, DataError
+from personalize.evaluation.subjects import BenchSubject, EvalPrompt, select_prompts
 from personalize.toyworld.world import ACCESSORIES, SCENES, ImageSpec, Subject, render, sample_spec
 
 TOKEN = "sks"  # DreamBooth / LoRA: the rare token bound to the subject
@@ -119,7 +120,7 @@ def toybench_settings(out: Path, n: int = 2, steps: int = 25, guidance: float = 
     captioned, guidance 4: 0.502 / 0.725; captioned, guidance 6: 0.475 / 0.800. In-context rows: each
     model's own reference guidance (the ``ref_scale`` it was shipped with, chosen on validation subjects:
     6 for toy-incontext-self, 4 for toy-incontext) unless ``ref_guidance`` is given."""
-    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.settings import EvalSettings
 
     return EvalSettings(out=str(out), images_per_prompt=n, steps=steps, guidance=guidance, batch_size=40,
                         token=TOKEN, drift_images=drift_images, title=title, keep_weights=keep_weights,
@@ -134,7 +135,6 @@ def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int
     markdown report under a line naming ``command`` and the wall-clock time)."""
     import time
 
-    from personalize.evaluation.subjects import find_toy_subjects, toy_subjects
     from personalize.evaluation.harness import check_out, run_benchmark
     from personalize.evaluation.metrics.toy import ToyJudgeMetrics
 
@@ -165,3 +165,46 @@ def write_doc(files: dict[str, Path], doc: Path, command: str, minutes: float, o
                    "into the same folder finished are reused, and the table gives each row's own train and generate "
                    f"seconds). Images and the HTML report: `{out}/report.html`.\n")
     return doc
+
+
+# -- ToyBench's subjects -----------------------------------------------------------------------------
+
+def find_toy_subjects(names: Sequence[str], prompt_indices: Optional[Sequence[int]] = None) -> list:
+    """The toy-world subjects (``personalize.toyworld.Subject``) named: held-out ones or validation ones
+    (``val-N``); unknown names (``--toy``) and prompt indices (``--prompts``) are refused, nothing is written."""
+    from personalize.toyworld.world import heldout_subjects, is_validation_name, validation_subject
+
+    if not names:
+        raise DataError("--toy: name at least one toy subject (such as zorbo), or 'all'")
+    by_name = {s.name: s for s in heldout_subjects()}
+    by_name.update({n: validation_subject(n) for n in names if is_validation_name(n)})
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DataError(f"--toy: unknown toy subjects {', '.join(unknown)}; held-out subjects: "
+                        f"{', '.join(s.name for s in heldout_subjects())}; validation subjects: val-0, val-1, ...")
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise DataError(f"--toy: {', '.join(twice)} named more than once")
+    found = [by_name[n] for n in names]
+    for subject in found:
+        select_prompts([p.template for p in toybench_prompts(subject)], prompt_indices)
+    return found
+
+
+def toy_subjects(names: Sequence[str], folder: str | Path, prompt_indices: Optional[Sequence[int]] = None,
+                 n_references: int = 4) -> list[BenchSubject]:
+    """Held-out toy-world subjects (or validation subjects ``val-N``, for choosing settings) as benchmark
+    subjects: their reference renders are written to ``folder/<name>/`` and their prompts are ToyBench's
+    (same kinds as DreamBench)."""
+    from personalize.toyworld.world import caption
+
+    found = find_toy_subjects(names, prompt_indices)
+    out = []
+    for name, subject in zip(names, found):
+        toy_prompts = toybench_prompts(subject)
+        prompts = [EvalPrompt(p.index, p.template, p.kind, toy_prompts[p.index])
+                   for p in select_prompts([t.template for t in toy_prompts], prompt_indices)]
+        references = write_references(subject, Path(folder) / name, n_references)
+        captions = [caption(spec) for spec in reference_specs(subject, n_references)]
+        out.append(BenchSubject(name, subject.cls, references, prompts, toy=subject, reference_captions=captions))
+    return out

@@ -9,36 +9,23 @@ from __future__ import annotations
 
 import difflib
 
-_REGISTRY: dict[str, type] = {}
+from personalize.methods.registry import REGISTRY, register_method
 
-
-def register_method(cls: type) -> type:
-    """Class decorator: register ``cls`` under ``cls.name`` (checked, no duplicates)."""
-    from dataclasses import is_dataclass
-
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__qualname__})")
-    if not is_dataclass(getattr(cls, "config_cls", None)):
-        raise ValueError(f"{cls.__name__}.config_cls must be a dataclass")
-    _REGISTRY[name] = cls
-    return cls
+__all__ = ["get_method_class", "method_names", "register_method"]
 
 
 def method_names() -> list[str]:
     _load_builtin_methods()
-    return sorted(_REGISTRY)
+    return sorted(REGISTRY)
 
 
 def get_method_class(name: str) -> type:
     _load_builtin_methods()
-    if name not in _REGISTRY:
-        match = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    if name not in REGISTRY:
+        match = difflib.get_close_matches(name, list(REGISTRY), n=1)
         hint = f"; did you mean {match[0]!r}?" if match else ""
-        raise KeyError(f"unknown method {name!r}{hint} (registered: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name]
+        raise KeyError(f"unknown method {name!r}{hint} (registered: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
 
 
 def _load_builtin_methods() -> None:

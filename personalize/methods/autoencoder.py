@@ -20,7 +20,7 @@ from personalize.methods import losses
 from personalize.config import ConfigError, option
 from personalize.data.datasets import prepare_image
 from personalize.data.images import load_image
-from personalize.methods import register_method
+from personalize.methods.registry import register_method
 from personalize.methods.base import Method, _unwrap
 
 

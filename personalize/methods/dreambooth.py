@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from personalize.config import ConfigError, option
-from personalize.methods import register_method
+from personalize.methods.registry import register_method
 from personalize.methods.base import Method
 from personalize.methods.embeddings import TrainableEmbeddingRows, input_embedding
 

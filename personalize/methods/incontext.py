@@ -26,7 +26,7 @@ from personalize.incontext.attention import (
     BLOCK_GROUPS, QUERY_MODES, install_reference_attention, reference_parameters,
 )
 from personalize.incontext.model import InContextSpec, encode_references, predict_noise, save_incontext
-from personalize.methods import register_method
+from personalize.methods.registry import register_method
 from personalize.methods.base import Method, _unwrap
 from personalize.methods.lora import UNET_ATTENTION
 

@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict
 
 from personalize.config import ConfigError, option
 from personalize.errors import ModelLoadError, UserError
-from personalize.methods import register_method
+from personalize.methods.registry import register_method
 from personalize.methods.base import Method
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"

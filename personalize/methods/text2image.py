@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from personalize.config import ConfigError, option
-from personalize.methods import register_method
+from personalize.methods.registry import register_method
 from personalize.methods.dreambooth import DreamBooth
 
 

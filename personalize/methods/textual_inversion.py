@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from personalize.config import ConfigError, option
 from personalize.errors import DataError, ModelLoadError
-from personalize.methods import register_method
+from personalize.methods.registry import register_method
 from personalize.methods.base import Method
 from personalize.methods.embeddings import TrainableEmbeddingRows, input_embedding
 

@@ -33,7 +33,7 @@ def finetune_photos_to_images(recipe: str, references: Path, class_noun: str, pr
                               n: int = 4, steps: int = 25, base: Optional[str] = None) -> dict:
     """Train ``recipe`` on the references (as ToyBench does), then generate ``n`` images."""
     from personalize.evaluation.subjects import BenchSubject, EvalPrompt
-    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.settings import EvalSettings
     from personalize.evaluation.rows import FineTuneRow
 
     subject = BenchSubject("speed", class_noun, sorted(references.glob("*.png")),

@@ -363,7 +363,7 @@ class Trainer:
         return models
 
     def validate(self) -> Path | None:
-        from personalize.cli.generate import image_grid, render
+        from personalize.sampling import image_grid, render
 
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()

@@ -75,7 +75,7 @@ def apprentice_cluster(name: str, examples: list[ClusterRecord], settings: Appre
                        metrics: Sequence, log: Callable[[str], None]) -> dict:
     """Train the expert on one cluster, generate, score, keep the best; skipped when done earlier."""
     from personalize.evaluation.subjects import BenchSubject, EvalPrompt, prompt_kind
-    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.settings import EvalSettings
     from personalize.evaluation.rows import FineTuneRow, _write_json
 
     work = Path(settings.out) / "clusters" / _slug(name)

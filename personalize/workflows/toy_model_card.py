@@ -50,7 +50,7 @@ def ship(source: Path, target: Path = TOY_MODEL_DIR) -> Path:
 def prompt_readback(pipe, judges, n: int = 200, seed: int = 777, steps: int = 25, guidance: float = 4.0) -> dict:
     """Generate one image for each of ``n`` random captions; the fraction whose class / color / scene the
     attribute judge reads as captioned, and the same on real renders of the captions (the ceiling)."""
-    from personalize.evaluation.harness import EvalSettings
+    from personalize.evaluation.settings import EvalSettings
     from personalize.evaluation.rows import generate_images
     from personalize.toyworld.world import caption
 
