@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from personalize.workflows.apprenticeship import ApprenticeshipSettings, run_apprenticeship
-    from personalize.evaluation.metrics import load_metrics
+    from personalize.metrics import load_metrics
 
     try:
         templates = DEFAULT_TEMPLATES

@@ -37,8 +37,8 @@ def main(argv=None) -> int:
 
     from personalize.data.cluster_builder import build_manifest, stats_path
     from personalize.data.images import DataError
-    from personalize.evaluation.metrics import ClipMetric, MetricWeightsError
-    from personalize.evaluation.metrics.toy import ToyJudgeMetrics
+    from personalize.metrics import ClipMetric, MetricWeightsError
+    from personalize.metrics.toy import ToyJudgeMetrics
 
     try:
         if args.embedder == "toy":

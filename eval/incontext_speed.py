@@ -103,7 +103,7 @@ def load_pipeline(model):
     from personalize.config import ModelConfig
     from personalize.incontext import InContextSpec, install_reference_attention
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.cli.zero_shot import default_model
+    from personalize.incontext.shipped import default_model
     from personalize.models import load_models
 
     if model == "untrained":

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from personalize.incontext.model import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
-from personalize.cli.zero_shot import DEFAULT_MODEL  # noqa: E402
+from personalize.incontext.shipped import DEFAULT_MODEL  # noqa: E402
 from personalize.workflows.toy_model_card import PRECISION_WORDS  # noqa: E402
 from personalize.models.toy import ASSETS  # noqa: E402
 

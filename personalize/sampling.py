@@ -5,7 +5,7 @@ file (checked, and a pickle only when allowed) or a DreamBooth output folder."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -137,3 +137,22 @@ def build_pipeline(base: str, lora: Optional[str] = None, embeddings: Optional[s
 
 
 # -- the command -----------------------------------------------------------------------------------
+
+
+def render_batched(pipe, texts: Sequence[str], n: int, steps: int, guidance: float, seed: int, batch_size: int,
+                   resolution: Optional[int]) -> list[list[Image.Image]]:
+    """``n`` images per prompt, ``batch_size`` per pipeline call, image ``j`` of every prompt with a CPU generator
+    seeded ``seed + j`` (the same seeds for every method); ``resolution`` None = the pipeline's default."""
+    import torch
+
+    with torch.no_grad():
+        jobs = [(i, text, seed + j) for i, text in enumerate(texts) for j in range(n)]
+        images: list[list[Image.Image]] = [[] for _ in texts]
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            out = pipe([t for _, t, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                       height=resolution, width=resolution,
+                       generator=[torch.Generator().manual_seed(s) for _, _, s in chunk]).images
+            for (i, _, _), image in zip(chunk, out):
+                images[i].append(image)
+        return images

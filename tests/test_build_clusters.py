@@ -298,7 +298,7 @@ def test_apprenticeship_keeps_the_best_generations_and_resumes(tmp_path, monkeyp
 
     from personalize.workflows.apprenticeship import ApprenticeshipSettings, run_apprenticeship
     from personalize.data.clusters import ClusterDataset, ClusterRecord, read_manifest, write_manifest
-    from personalize.evaluation.metrics import load_metrics
+    from personalize.metrics import load_metrics
 
     subject = Path("recipes/tiny/subject")
     records = []

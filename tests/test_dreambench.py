@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 
 from personalize.evaluation import harness, rows
+from personalize.utils import trees
 from personalize.evaluation.toybench import toy_subjects
 from personalize.evaluation.subjects import (
     KINDS, LaunchState, load_dreambench, parse_prompts_file, prompt_kind, shard,
 )
 from personalize.evaluation.harness import evaluate_subject, run_benchmark
 from personalize.evaluation.settings import EvalSettings
-from personalize.evaluation.metrics import SubjectMetrics
+from personalize.metrics import SubjectMetrics
 from personalize.evaluation.rows import Row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,7 +319,7 @@ class ExactJudges:
 
 
 def test_toy_world_through_the_same_harness(tmp_path):
-    from personalize.evaluation.metrics.toy import ToyJudgeMetrics
+    from personalize.metrics.toy import ToyJudgeMetrics
     from personalize.toyworld.world import render
 
     subjects = toy_subjects(["zorbo", "plimm"], tmp_path / "refs", prompt_indices=[0, 9, 14, 18])
@@ -422,7 +423,7 @@ def test_rerun_with_other_settings_makes_results_again_and_the_report_says_which
     assert "training again" in log and "train.max_steps: 1 -> 2" in log
     assert json.loads((out / "lora" / "dog" / "result.json").read_text())["stats"]["train_steps"] == 2
     assert all("--steps" not in m and m["row"]["training"]["config"]["train.max_steps"] == 2 for m in made("lora"))
-    assert not any("train.max_steps" in k for m in made("base") for k in rows.flat(m))  # base rows do not train
+    assert not any("train.max_steps" in k for m in made("base") for k in trees.flatten(m))  # base rows do not train
 
     # a rerun with --steps 3 stopped after the first subject: the report shows each subject's own settings
     real_evaluate = harness.evaluate_subject

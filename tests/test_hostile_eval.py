@@ -144,7 +144,7 @@ def test_damaged_safetensors_are_refused(tmp_path, bench, capsys, no_models):
 # -- the output folder ----------------------------------------------------------------------------
 
 def test_an_unusable_out_is_refused_before_any_model_loads(tmp_path, bench, capsys, monkeypatch, no_models):
-    monkeypatch.setattr("personalize.evaluation.metrics.load_metrics", no_models)
+    monkeypatch.setattr("personalize.metrics.load_metrics", no_models)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     theirs = tmp_path / "theirs"  # a folder holding a report this tool did not write

@@ -345,7 +345,7 @@ def test_pipeline_encodes_references_once_and_checks_them(train_run, tmp_path):
 def test_copy_paste_rate_flags_near_duplicates_of_references():
     import numpy as np
 
-    from personalize.evaluation.metrics import copy_paste_rate
+    from personalize.metrics import copy_paste_rate
 
     rng = np.random.default_rng(0)
     refs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
@@ -362,7 +362,7 @@ def test_incontext_row_in_the_harness(train_run, tmp_path, monkeypatch):
     from personalize.evaluation.harness import run_benchmark
     from personalize.evaluation.settings import EvalSettings
     from personalize.incontext.pipeline import InContextPipeline
-    from personalize.evaluation.metrics import load_metrics
+    from personalize.metrics import load_metrics
     from personalize.evaluation.rows import build_row
 
     encoded = []  # how many references each encoding saw
@@ -437,7 +437,7 @@ def test_shipped_toy_incontext_models_load_and_sample(folder, query, k, scale):
 
 def test_zero_shot_default_model_is_the_own_query_one():
     from personalize.incontext.model import read_spec
-    from personalize.cli.zero_shot import default_model
+    from personalize.incontext.shipped import default_model
     from personalize.models.toy import ASSETS
 
     assert default_model() == ASSETS / "toy-incontext-self"

@@ -34,3 +34,32 @@ def test_leaf_layers_import_only_below(graph, module, below):
     upward = sorted({(m, d) for m in inside for d in graph.find_modules_directly_imported_by(m)
                      if d not in inside and not d.startswith(below)})
     assert not upward, f"{module} imports from above it: {upward[:5]}"
+
+
+def test_files_and_functions_stay_readable():
+    """No library file over 400 lines, no function over 80 (files you can read top to bottom)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "personalize"
+    long_files, long_functions = [], []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 400:
+            long_files.append(f"{path.relative_to(root)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    assert not long_files and not long_functions, long_files + long_functions
+
+
+def test_the_command_line_parser_imports_no_heavy_library():
+    """`personalize --help` and friends answer at once: building the parser imports neither torch nor diffusers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from personalize.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

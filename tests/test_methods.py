@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from personalize.methods.base import _unwrap
+from personalize.methods.base import unwrap
 from personalize.training.trainer import Trainer
 
 STEPS = ["train.max_steps=3", "train.checkpoint_every=0", "validation.prompts=[]"]
@@ -14,7 +14,7 @@ def snapshot(models) -> dict[str, torch.Tensor]:
     out = {}
     for prefix, module in [("unet", models.unet), ("vae", models.vae),
                            *[(f"text_encoder{i}", e) for i, e in enumerate(models.text_encoders)]]:
-        for name, p in _unwrap(module).named_parameters():
+        for name, p in unwrap(module).named_parameters():
             out[f"{prefix}.{name}"] = p.detach().clone()
     return out
 
@@ -129,8 +129,8 @@ def test_bf16_keeps_trainable_weights_fp32(tmp_path):
     models = trainer.models
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert models.vae.dtype == torch.bfloat16
-    assert _unwrap(models.unet).dtype == torch.bfloat16
-    assert _unwrap(models.text_encoder).dtype == torch.float32  # kept whole: its embedding trains
+    assert unwrap(models.unet).dtype == torch.bfloat16
+    assert unwrap(models.text_encoder).dtype == torch.float32  # kept whole: its embedding trains
     key = "text_encoder0.embeddings.token_embedding.weight"
     assert changed == {key}
 

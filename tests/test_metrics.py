@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from personalize.evaluation.metrics import (
+from personalize.metrics import (
     ClipMetric, DinoMetric, MetricWeightsError, SubjectMetrics, dino_transform, load_metrics, pairwise_cosine,
     tiny_clip, tiny_dino,
 )
-from personalize.evaluation.metrics.toy import ToyJudgeMetrics, toy_prompt_attributes
+from personalize.metrics.toy import ToyJudgeMetrics, toy_prompt_attributes
 
 
 def _image(seed: int, size=(40, 48)) -> Image.Image:
@@ -110,7 +110,7 @@ def test_clip_loads_an_open_clip_checkpoint_file_or_folder(tmp_path):
     import open_clip
     from safetensors.torch import save_file
 
-    from personalize.evaluation.metrics import TINY_CLIP_CONFIG
+    from personalize.metrics import TINY_CLIP_CONFIG
 
     config_dir = tmp_path / "configs"
     config_dir.mkdir()

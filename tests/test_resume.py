@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from conftest import QUIET, ROOT, make_config
 from personalize.training import checkpoints as checkpointing
 from personalize.errors import CheckpointError
-from personalize.methods.base import _unwrap
+from personalize.methods.base import unwrap
 from personalize.training.trainer import Trainer, TrainingStopped
 
 LORA = "recipes/tiny/lora.yaml"
@@ -269,7 +269,7 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
         assert checkpointing.read_state(root / f"checkpoint-{step}")["global_step"] == step
     # the last checkpoint holds exactly the exported weights
     last = load_file(str(root / "checkpoint-5" / "trainable_weights.safetensors"))
-    unet = _unwrap(trainer.models.unet)
+    unet = unwrap(trainer.models.unet)
     assert last.keys() == {f"unet.{n}" for n, p in unet.named_parameters() if p.requires_grad}
     for name, param in unet.named_parameters():
         if param.requires_grad:

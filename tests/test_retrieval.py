@@ -247,7 +247,7 @@ def test_build_index_script(toy, tmp_path, capsys):
 
 
 def test_open_clip_embedder_interface(empty_hub_cache, monkeypatch):
-    from personalize.evaluation.metrics import MetricWeightsError, tiny_clip
+    from personalize.metrics import MetricWeightsError, tiny_clip
 
     embedder = OpenClipEmbedder(tiny_clip(device="cpu"))
     assert embedder.name == "open_clip:ViT-B-32" and len(embedder.fingerprint) == 64

@@ -11,7 +11,7 @@ from PIL import Image
 
 from personalize.evaluation.toybench import toy_subjects
 from personalize.evaluation.harness import run_benchmark
-from personalize.evaluation.metrics import SubjectMetrics, as_pil
+from personalize.metrics import SubjectMetrics, as_pil
 from personalize.evaluation.rows import ToyRendersRow
 from personalize.toyworld import heldout_subjects
 from personalize.evaluation.toybench import (

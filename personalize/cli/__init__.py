@@ -29,9 +29,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 def cmd_train(args) -> int:
     from personalize.recipes import load_config, resolve_recipe
+
+    config = load_config(resolve_recipe(args.recipe), args.overrides)  # a bad recipe is refused before the trainer loads
     from personalize.training.trainer import Trainer
 
-    config = load_config(resolve_recipe(args.recipe), args.overrides)
     out = Trainer(config).train()
     print(f"done: {out}")
     return 0

@@ -133,7 +133,7 @@ def run(args) -> int:
     refuse_inputs_inside(out, "--out", {"--data": [args.data] if args.data else []})
     from personalize.evaluation.subjects import load_dreambench
     from personalize.evaluation.toybench import find_toy_subjects, toy_subjects
-    from personalize.evaluation.metrics import load_metrics
+    from personalize.metrics import load_metrics
     from personalize.evaluation.rows import build_row
 
     rows = [build_row(spec, args.base, args.set) for spec in args.rows]

@@ -24,13 +24,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from personalize.incontext.shipped import DEFAULT_MODEL, default_model
 from personalize.utils.arguments import parse_interval
 from personalize.utils.arguments import finite_float, positive_int, seed
 
-# the shipped toy in-context model used when --model is not given (under personalize/toyworld/assets/): the
-# own-query model, which meets ToyBench's bar against LoRA and DreamBooth at its reference scale 6
-# (docs/toybench.md); the shared-query model beside it, toy-incontext, stays shipped for comparison
-DEFAULT_MODEL = "toy-incontext-self"
 MANIFEST = "zero_shot.json"  # written last: the files of a finished run
 RETRIEVED = "retrieved"  # the subfolder the retrieved references are copied into, with retrieved.jsonl
 
@@ -68,18 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/zero-shot", help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run in --out (only the files its manifest lists are removed)")
-
-
-def default_model() -> Path:
-    from personalize.incontext.model import CONFIG_NAME, InContextLoadError
-    from personalize.models.toy import ASSETS
-
-    path = ASSETS / DEFAULT_MODEL
-    if not (path / CONFIG_NAME).is_file():
-        raise InContextLoadError(f"no in-context model given and the shipped toy one is not in {path}; train one "
-                                 "with `personalize train toy/incontext-self` and pass --model "
-                                 "outputs/toy-incontext-self")
-    return path
 
 
 @dataclass

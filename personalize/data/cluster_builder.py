@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from personalize.data.clusters import ClusterRecord, write_manifest
 from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, load_image
 from personalize.data.jsonl import parse_jsonl
-from personalize.evaluation.metrics import pairwise_cosine
+from personalize.utils.tensors import pairwise_cosine
 
 MAX_LISTED = 20  # bad records listed in an error message; the rest are counted
 

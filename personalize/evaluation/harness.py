@@ -1,5 +1,5 @@
 """The evaluation harness: run each row (:mod:`personalize.evaluation.rows`) on benchmark subjects, score the
-images with :class:`~personalize.evaluation.metrics.SubjectMetrics`, write the report (:mod:`personalize.evaluation.report`).
+images with :class:`~personalize.metrics.SubjectMetrics`, write the report (:mod:`personalize.evaluation.report`).
 
 For each subject and row: ``len(prompts) x images_per_prompt`` images, image ``j`` of every prompt
 with seed ``seed + j`` (the same seeds for every row), scored by each metric. Per (row, subject) the
@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from diffusers.training_utils import free_memory
 
 from personalize.errors import OutputError
-from personalize.evaluation.metrics import SubjectMetrics, copy_paste_rate, metric_names
-from personalize.evaluation.rows import (
-    Log, PeakMemory, Row, _free_memory, _write_json, as_json, changes, file_digests, read_json,
-)
+from personalize.metrics import SubjectMetrics, copy_paste_rate, metric_names
+from personalize.evaluation.records import PeakMemory, as_json, changes, file_digests, read_json, write_json
+from personalize.evaluation.rows import Log, Row
 from personalize.evaluation.settings import EvalSettings
 from personalize.evaluation.subjects import BenchSubject, LaunchState, shard
 from personalize.utils.files import save_image
@@ -87,7 +87,7 @@ def prepare_references(subject: BenchSubject, metrics: Sequence[SubjectMetrics],
                        thumbnail: int = 256, log: Log = logger.info) -> dict:
     """Thumbnails for the report and the real-images row (references against each other), once per
     photos and metrics."""
-    from personalize.evaluation.metrics import as_pil
+    from personalize.metrics import as_pil
 
     folder = settings.out_dir / "references" / subject.slug
     result_file = folder / "result.json"
@@ -106,7 +106,7 @@ def prepare_references(subject: BenchSubject, metrics: Sequence[SubjectMetrics],
     result = {"subject": subject.name, "class": subject.class_noun, "live": subject.live,
               "references": [str(p) for p in subject.references], "thumbnails": thumbs, "scores": scores,
               "made_with": made_with}
-    _write_json(result_file, result)
+    write_json(result_file, result)
     _remove_listed(stale, thumbs, folder, settings.out_dir, lambda r: r.get("thumbnails", []))
     return result
 
@@ -132,7 +132,7 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
                      log: Log = logger.info) -> dict:
     """Personalize (if the row does), generate, score and record one subject; skip it if done earlier
     with the same ``made_with`` (:func:`result_made_with`), make it again if done otherwise."""
-    from personalize.evaluation.metrics import as_pil
+    from personalize.metrics import as_pil
 
     work_dir = settings.out_dir / row.label / subject.slug
     result_file = work_dir / "result.json"
@@ -148,7 +148,7 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
     with PeakMemory(device) as peak:
         texts, images = row.generate(subject, work_dir, settings)
     generate_seconds = time.perf_counter() - start
-    _free_memory()
+    free_memory()
     references = [as_pil(p) for p in subject.references]
     per_prompt = []
     for prompt, text, group in zip(subject.prompts, texts, images):
@@ -172,7 +172,7 @@ def evaluate_subject(row: Row, subject: BenchSubject, metrics: Sequence[SubjectM
               "peak_memory_train_mib": stats.get("peak_memory_train_mib"), "peak_memory_generate_mib": peak.mib,
               "memory": peak.kind, "device": str(device), "stats": stats, "copy_paste_rate": copy_paste,
               **({"drift": drift} if drift else {}), "made_with": made_with}
-    _write_json(result_file, result)
+    write_json(result_file, result)
     _remove_listed(stale, [p for q in per_prompt for p in q["images"]], work_dir / "images", settings.out_dir,
                    lambda r: [p for q in r.get("prompts", []) if isinstance(q, dict) for p in q.get("images", [])])
     row.cleanup(work_dir, settings)
@@ -263,7 +263,7 @@ def run_benchmark(subjects: Sequence[BenchSubject], rows: Sequence[Row], metrics
             "subjects": [{"name": s.name, "slug": s.slug, "class": s.class_noun, "live": s.live,
                           "prompts": len(s.prompts)} for s in subjects],
             "rows": [r.describe() for r in rows], "metrics": metric_names(metrics)}
-    _write_json(out / "plan.json", plan)
+    write_json(out / "plan.json", plan)
     mine = shard(subjects, state)
     if state.num_processes > 1:  # processes would write the same class-image files at once
         settings = replace(settings, class_images_suffix=f"-rank{state.process_index}")

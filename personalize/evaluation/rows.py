@@ -15,23 +15,21 @@ stores that with every result and makes a result again when a rerun's answer dif
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import re
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-import torch
+from diffusers.training_utils import free_memory
 from PIL import Image
 
 from personalize.evaluation.subjects import BenchSubject
 from personalize.errors import ConfigError
-from personalize.utils.files import atomic_write_json
+from personalize.sampling import render_batched
+from personalize.evaluation.records import PeakMemory, as_json, changes, file_digests, read_json, slug, write_json
+from personalize.utils.trees import flatten
 
 if TYPE_CHECKING:
     from personalize.evaluation.settings import EvalSettings
@@ -39,100 +37,11 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, data)
-
-
-def read_json(path: Path) -> Optional[dict]:
-    """A JSON object this harness wrote earlier, or None when ``path`` is missing or unreadable (then the
-    harness makes it again)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested dict as ``{"a.b.c": leaf}`` (lists are leaves)."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        out.update(flat(item, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def changes(old: Optional[dict], new: dict) -> list[str]:
-    """What differs between two ``made_with`` records, as ``key: old -> new`` (short)."""
-    if old is None:
-        return ["not recorded (made by an earlier version)"]
-    a, b = flat(old), flat(new)
-
-    def short(v) -> str:
-        text = json.dumps(v)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return [f"{k}: {short(a.get(k))} -> {short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def file_digests(paths: Sequence[Path]) -> list[str]:
-    """``name:sha256[:16]`` of each file: what the numbers of a subject depend on in its photos."""
-    return [f"{Path(p).name}:{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]}" for p in paths]
-
-
-def as_json(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), so records compare equal after a rerun."""
-    return json.loads(json.dumps(value))
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
-
-
-class PeakMemory:
-    """Peak memory of the block: CUDA's max allocated when on a GPU, else the process's max RSS (which
-    cannot be reset, so on a CPU it is the peak of the process so far)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.kind = "cuda max allocated" if self.cuda else "process max RSS"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.mib = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-            self.mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-@torch.no_grad()
 def generate_images(pipe, texts: Sequence[str], n: int, settings: EvalSettings,
                     resolution: Optional[int]) -> list[list[Image.Image]]:
-    """``n`` images per prompt, image ``j`` with a CPU generator seeded ``settings.seed + j``; ``resolution``
-    None = the pipeline's default (the U-Net's sample size)."""
-    jobs = [(i, text, settings.seed + j) for i, text in enumerate(texts) for j in range(n)]
-    images: list[list[Image.Image]] = [[] for _ in texts]
-    for start in range(0, len(jobs), settings.batch_size):
-        chunk = jobs[start:start + settings.batch_size]
-        out = pipe([t for _, t, _ in chunk], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                   height=resolution, width=resolution,
-                   generator=[torch.Generator().manual_seed(s) for _, _, s in chunk]).images
-        for (i, _, _), image in zip(chunk, out):
-            images[i].append(image)
-    return images
+    """``n`` images per prompt in batches of ``settings.batch_size`` (:func:`personalize.sampling.render_batched`)."""
+    return render_batched(pipe, texts, n, settings.steps, settings.guidance, settings.seed, settings.batch_size,
+                          resolution)
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -205,7 +114,7 @@ class FineTuneRow(Row):
         subject, captioned references and the resolution."""
         from personalize.training.checkpoints import RUN_INDEPENDENT
 
-        config = {k: v for k, v in flat(self.config.to_dict()).items()
+        config = {k: v for k, v in flatten(self.config.to_dict()).items()
                   if not (k in RUN_INDEPENDENT or k.startswith(RUN_INDEPENDENT))}
         return as_json({"config": config, "words": self.placeholder() or settings.token,
                         "caption_references": settings.caption_references, "resolution": settings.resolution})
@@ -283,12 +192,12 @@ class FineTuneRow(Row):
             earlier = {"train_seconds": summary.get("train_seconds"), "train_loop_seconds": summary.get("train_seconds"),
                        "train_steps": summary.get("steps"), "peak_memory_train_mib": None, "made_with": made_with,
                        "finished": True}
-            _write_json(record, earlier)
+            write_json(record, earlier)
         if earlier is not None and earlier.get("finished") and run_dir.is_dir():
             log(f"{subject.name}: {self.label}: training finished earlier, reusing {run_dir}")
             return earlier
         config = load_config(self.recipe, self.subject_overrides(subject, run_dir, settings))
-        _write_json(record, {"made_with": made_with, "finished": False})  # a stopped run resumes only with these
+        write_json(record, {"made_with": made_with, "finished": False})  # a stopped run resumes only with these
         log(f"{subject.name}: {self.label}: training ({config.method}, {config.train.max_steps} steps) ...")
         device = settings.torch_device()
         start = time.perf_counter()
@@ -298,8 +207,8 @@ class FineTuneRow(Row):
         stats = {"train_seconds": time.perf_counter() - start, "train_loop_seconds": trainer.train_seconds(),
                  "train_steps": trainer.step, "peak_memory_train_mib": peak.mib}
         del trainer
-        _free_memory()
-        _write_json(record, {**stats, "made_with": made_with, "finished": True})
+        free_memory()
+        write_json(record, {**stats, "made_with": made_with, "finished": True})
         return {**stats, "made_with": made_with, "finished": True}
 
     def pipeline(self, run_dir: Path):

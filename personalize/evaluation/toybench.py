@@ -5,7 +5,7 @@ DreamBench's three kinds (recontextualization, accessorization, property modific
 per prompt with fixed seeds. It runs on the evaluation harness (:mod:`personalize.evaluation.harness`) like
 DreamBench: a method personalizes the toy base model on the references with this project's trainer and
 a recipe (``recipes/toy/<method>.yaml``), then generates; the judges
-(:class:`personalize.evaluation.metrics.toy.ToyJudgeMetrics`) score subject fidelity (identity-embedding cosine to the
+(:class:`personalize.metrics.toy.ToyJudgeMetrics`) score subject fidelity (identity-embedding cosine to the
 references, like DINO) and prompt fidelity (the fraction of images that show what the prompt asked).
 The *ceiling* row scores real renders of the subject in each prompt's context; the *base* row is the
 base model prompted with the class noun.
@@ -95,7 +95,7 @@ def toybench_rows(rows: Sequence[str], base: str = "toy") -> list:
     out = []
     for name in rows:
         if name.startswith("incontext"):
-            from personalize.cli.zero_shot import default_model
+            from personalize.incontext.shipped import default_model
 
             label, _, folder = name.partition(":")
             out.append(InContextRow(base, label, folder or str(default_model())))
@@ -136,7 +136,7 @@ def run_toybench(subjects: Sequence[str], rows: Sequence[str], out: Path, n: int
     import time
 
     from personalize.evaluation.harness import check_out, run_benchmark
-    from personalize.evaluation.metrics.toy import ToyJudgeMetrics
+    from personalize.metrics.toy import ToyJudgeMetrics
 
     start = time.perf_counter()
     eval_settings = toybench_settings(out, n=n, steps=steps, **settings).check()

@@ -21,7 +21,7 @@ from personalize.config import ConfigError, option
 from personalize.data.datasets import prepare_image
 from personalize.data.images import load_image
 from personalize.methods.registry import register_method
-from personalize.methods.base import Method, _unwrap
+from personalize.methods.base import Method, unwrap
 
 
 @dataclass
@@ -78,11 +78,11 @@ class Autoencoder(Method):
         return [self.models.vae]  # a frozen encoder is exported with the decoder: keep it fp32
 
     def gradient_checkpointing(self) -> None:
-        _unwrap(self.models.vae).enable_gradient_checkpointing()
+        unwrap(self.models.vae).enable_gradient_checkpointing()
 
     def loss(self, batch: dict, models) -> dict[str, torch.Tensor]:
         vae = models.vae
-        device = next(_unwrap(vae).parameters()).device
+        device = next(unwrap(vae).parameters()).device
         pixels = batch["pixel_values"].to(device)
         with torch.set_grad_enabled(self.options.train_encoder):
             posterior = vae.encode(pixels).latent_dist
@@ -111,7 +111,7 @@ class Autoencoder(Method):
         return torch.cat(means).std().item()
 
     def export(self, models, out_dir: Path) -> list[Path]:
-        vae = _unwrap(models.vae)
+        vae = unwrap(models.vae)
         device = next(vae.parameters()).device
         std = self.latent_std(vae, device)
         if self.options.train_encoder:  # a frozen encoder keeps the latent space and its scaling_factor

@@ -70,14 +70,14 @@ class Method(ABC):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
         for prefix, module in self.trainable_modules().items():
-            for name, param in _unwrap(module).named_parameters():
+            for name, param in unwrap(module).named_parameters():
                 if param.requires_grad:
                     out[f"{prefix}.{name}"] = param.detach().cpu().contiguous()
         return out
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for prefix, module in self.trainable_modules().items():
-            module = _unwrap(module)
+            module = unwrap(module)
             own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             expected = {n for n, p in module.named_parameters() if p.requires_grad}
             if missing := expected - set(own):
@@ -123,7 +123,7 @@ class Method(ABC):
         train = self.config.train
         scheduler = models.noise_scheduler
         seeds = batch["sample_seeds"]
-        device = next(_unwrap(models.unet).parameters()).device
+        device = next(unwrap(models.unet).parameters()).device
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         else:
@@ -157,7 +157,7 @@ class Method(ABC):
         """Write files stock diffusers can load; return their paths."""
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module") and isinstance(module.module, nn.Module):
         module = module.module
     return module

@@ -27,7 +27,7 @@ from personalize.incontext.attention import (
 )
 from personalize.incontext.model import InContextSpec, encode_references, predict_noise, save_incontext
 from personalize.methods.registry import register_method
-from personalize.methods.base import Method, _unwrap
+from personalize.methods.base import Method, unwrap
 from personalize.methods.lora import UNET_ATTENTION
 
 
@@ -144,7 +144,7 @@ class InContext(Method):
         return {"unet": self.models.unet}
 
     def trainable_parameters(self):
-        unet = _unwrap(self.models.unet)
+        unet = unwrap(self.models.unet)
         new = reference_parameters(unet)
         groups = [{"params": new}]
         if self.options.lora_rank:
@@ -156,7 +156,7 @@ class InContext(Method):
     def dataset(self):
         data = self.config.data
         if self.options.toyworld_subjects:
-            from personalize.toyworld.clusters import render_clusters
+            from personalize.data.toy_clusters import render_clusters
 
             render_clusters(self.options.manifest, self.options.toyworld_subjects, self.options.toyworld_per_subject,
                             self.options.toyworld_seed, progress=self.config.train.progress_bar)
@@ -182,7 +182,7 @@ class InContext(Method):
     def loss(self, batch: dict, models) -> dict[str, torch.Tensor]:
         train, o = self.config.train, self.options
         unet, scheduler, seeds = models.unet, models.noise_scheduler, batch["sample_seeds"]
-        device = next(_unwrap(unet).parameters()).device
+        device = next(unwrap(unet).parameters()).device
         mean, std = self._latents(batch, "", device)
         ref_latents = self._latents(batch, "reference_", device)[0].flatten(0, 1)  # clean: posterior means
         latents = mean + std * losses.per_sample_randn(seeds, tuple(mean.shape[1:]), stream=0, device=device)
@@ -194,7 +194,7 @@ class InContext(Method):
         ref_conditioning = models.family.unet_conditioning(
             self.encode_prompts(batch["reference_prompts"], device), {}, resolution)
         with torch.set_grad_enabled(bool(o.lora_rank)):  # a frozen encoder needs no graph
-            reference = encode_references(_unwrap(unet), ref_latents, ref_conditioning, o.num_references,
+            reference = encode_references(unwrap(unet), ref_latents, ref_conditioning, o.num_references,
                                           o.reference_timestep)
         reference.mask = _keep_references(seeds, o.reference_dropout).to(device)
         prediction = predict_noise(unet, noisy, timesteps, conditioning, reference)
@@ -204,4 +204,4 @@ class InContext(Method):
         return {"diffusion_loss": losses.weighted_mean(mse, weights)}
 
     def export(self, models, out_dir: Path) -> list[Path]:
-        return save_incontext(_unwrap(models.unet), self.spec(), out_dir)
+        return save_incontext(unwrap(models.unet), self.spec(), out_dir)

@@ -97,26 +97,7 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -
                     f"peak RSS {result['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s)")
         report.cases = [merge_passes(runs[c["label"]]) for c in cases if c["label"] in runs]
         if "overhead" in settings.parts():
-            warmup, rounds, window = settings.overhead_plan()
-            resolution = settings.tiny_resolution if settings.overhead_base == "tiny-sd" else settings.sd_resolution("sd15")
-            spec = dict(kind="overhead", recipe="tiny/lora", device=settings.device, work_dir=str(work),
-                        warmup=warmup, rounds=rounds, window=window, model=settings.overhead_base,
-                        resolution=resolution,
-                        overrides=["train.report_to=none", "train.progress_bar=false", "train.checkpoint_every=0",
-                                   "validation.prompts=[]", "data.cache=false", "train.batch_size=2",
-                                   f"train.mixed_precision='{settings.precision()}'",
-                                   *_data_overrides("tiny/lora", resolution)])
-            if settings.overhead_base == "sd15":
-                spec["base"] = str(model_root / "sd15")
-            log(f"trainer overhead vs a bare loop ({rounds} rounds x {window} steps) ...")
-            try:
-                report.overhead = run_worker(spec, settings, log)
-                o = report.overhead
-                log(f"  trainer {o['median_ms']['trainer']:.1f} ms/step, bare {o['median_ms']['bare']:.1f} ms/step, "
-                    f"overhead {o['overhead_pct']:+.1f} %")
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
-                report.failures.append(f"overhead: {err}")
-                log(f"  FAILED: {err}")
+            _run_overhead(settings, report, work, model_root, log)
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -129,3 +110,28 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render_markdown(report))
     return report
+
+
+def _run_overhead(settings: BenchSettings, report: Report, work: Path, model_root: Path,
+                  log: Callable[[str], None]) -> None:
+    """Part C: the trainer's loop against a bare PyTorch loop, in one worker process."""
+    warmup, rounds, window = settings.overhead_plan()
+    resolution = settings.tiny_resolution if settings.overhead_base == "tiny-sd" else settings.sd_resolution("sd15")
+    spec = dict(kind="overhead", recipe="tiny/lora", device=settings.device, work_dir=str(work),
+                warmup=warmup, rounds=rounds, window=window, model=settings.overhead_base,
+                resolution=resolution,
+                overrides=["train.report_to=none", "train.progress_bar=false", "train.checkpoint_every=0",
+                           "validation.prompts=[]", "data.cache=false", "train.batch_size=2",
+                           f"train.mixed_precision='{settings.precision()}'",
+                           *_data_overrides("tiny/lora", resolution)])
+    if settings.overhead_base == "sd15":
+        spec["base"] = str(model_root / "sd15")
+    log(f"trainer overhead vs a bare loop ({rounds} rounds x {window} steps) ...")
+    try:
+        report.overhead = run_worker(spec, settings, log)
+        o = report.overhead
+        log(f"  trainer {o['median_ms']['trainer']:.1f} ms/step, bare {o['median_ms']['bare']:.1f} ms/step, "
+            f"overhead {o['overhead_pct']:+.1f} %")
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        report.failures.append(f"overhead: {err}")
+        log(f"  FAILED: {err}")

@@ -144,9 +144,9 @@ class BareLoop:
     def __init__(self, models, params: list, train, device):
         import torch
 
-        from personalize.methods.base import _unwrap
+        from personalize.methods.base import unwrap
 
-        self.unet, self.vae = _unwrap(models.unet), models.vae
+        self.unet, self.vae = unwrap(models.unet), models.vae
         self.text_encoder, self.tokenizer = models.text_encoders[0], models.tokenizers[0]
         self.scheduler, self.params, self.device = models.noise_scheduler, params, device
         self.max_grad_norm = train.max_grad_norm
@@ -189,6 +189,25 @@ class BareLoop:
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.unet(noisy, timesteps, context).sample
         return F.mse_loss(prediction.float(), noise.float())
+
+
+def _optimizer_wrapper_probe(device):
+    """(an ``AcceleratedOptimizer`` step + zero_grad, the same on the bare optimizer), on a one-number parameter:
+    the wrapper's own cost (the optimizer math would drown it in noise)."""
+    import torch
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    probe = torch.zeros(1, device=device, requires_grad=True)
+
+    def step(optimizer):
+        def run():
+            probe.grad = torch.zeros_like(probe)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    return (step(AcceleratedOptimizer(torch.optim.SGD([probe], lr=0.0), device_placement=False)),
+            step(torch.optim.SGD([probe], lr=0.0)))
 
 
 def _extras_breakdown(trainer, batch: dict, reps: int = 200) -> dict[str, float]:
@@ -234,20 +253,7 @@ def _extras_breakdown(trainer, batch: dict, reps: int = 200) -> dict[str, float]
         trainer.method.after_optimizer_step()
         trainer._log(totals)
 
-    # the wrappers' own cost, on a one-number parameter (the optimizer math would drown it in noise)
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    probe = torch.zeros(1, device=device, requires_grad=True)
-    probe_raw = torch.optim.SGD([probe], lr=0.0)
-    probe_wrapped = AcceleratedOptimizer(torch.optim.SGD([probe], lr=0.0), device_placement=False)
-
-    def probe_step(optimizer):
-        def run():
-            probe.grad = torch.zeros_like(probe)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return run
-
+    wrapped_step, raw_step = _optimizer_wrapper_probe(device)
     items = {
         "`torch.manual_seed` per micro-step (dropout RNG)": (lambda: torch.manual_seed(1234), None),
         "`accumulate()` + `autocast()` contexts": (contexts, None),
@@ -260,7 +266,7 @@ def _extras_breakdown(trainer, batch: dict, reps: int = 200) -> dict[str, float]
             lambda: acc.clip_grad_norm_(params, train.max_grad_norm or 1.0),
             lambda: torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm or 1.0)),
         "`AcceleratedOptimizer` step + zero_grad wrapper (vs calling the optimizer)": (
-            probe_step(probe_wrapped), probe_step(probe_raw)),
+            wrapped_step, raw_step),
     }
     regrad()
     history, step = len(trainer.history), trainer.step

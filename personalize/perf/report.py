@@ -156,6 +156,8 @@ def _passes_details(cases: list[dict]) -> list[str]:
 
 
 def render_markdown(report: Report) -> str:
+    """docs/benchmarks.md: the environment, then parts A (tiny methods), B (SD-architecture LoRA), C (trainer
+    overhead), the notes and any failures."""
     s, env = report.settings, report.environment
     cuda = s["device"] == "cuda"
     out = ["# Training benchmarks", "",
@@ -175,6 +177,15 @@ def render_markdown(report: Report) -> str:
             f"| load average (1/5/15 min) before / after | {env.get('load_before')} / {env.get('load_after')} |",
             f"| mixed precision | {s['mixed_precision'] or ('bf16' if cuda else 'no')} |",
             f"| whole run | {report.wall_s / 60:.1f} min |", ""]
+    out += _tiny_section(report, cuda) + _model_sections(report, cuda) + _overhead_section(report)
+    out += _notes_section(cuda) + _failures_section(report)
+    return "\n".join(out)
+
+
+def _tiny_section(report: Report, cuda: bool) -> list[str]:
+    """Part A: the methods on the built-in tiny model."""
+    s = report.settings
+    out: list[str] = []
     tiny = [c for c in report.cases if c["part"] == "tiny"]
     if tiny:
         c0 = tiny[0]
@@ -188,6 +199,13 @@ def render_markdown(report: Report) -> str:
                 f"on a shared machine). Peak RSS is dominated by the imported libraries (~0.9 GiB): the tiny "
                 f"model itself is a few MiB.",
                 "", _table(*tiny_table(tiny, cuda)), "", *_passes_details(tiny)]
+    return out
+
+
+def _model_sections(report: Report, cuda: bool) -> list[str]:
+    """Part B: LoRA on an SD 1.5 / SDXL-architecture model with random weights."""
+    s = report.settings
+    out: list[str] = []
     for model in ("sd15", "sdxl"):
         rows = [c for c in report.cases if c["part"] == model]
         if not rows:
@@ -209,6 +227,12 @@ def render_markdown(report: Report) -> str:
                 f"resolution while the U-Net's (and the VAE's) grows with the pixel count, so expect a smaller "
                 f"speed-up at 512 px than at a small resolution (`--resolution 512` measures it).",
                 "", _table(*sd_table(rows, cuda)), "", *_passes_details(rows)]
+    return out
+
+
+def _overhead_section(report: Report) -> list[str]:
+    """Part C: the trainer's overhead over a bare PyTorch loop."""
+    out: list[str] = []
     if report.overhead:
         o = report.overhead
         out += ["## C. Trainer overhead over a bare PyTorch loop", "",
@@ -234,6 +258,12 @@ def render_markdown(report: Report) -> str:
         out += ["<details><summary>ms per round</summary>", ""]
         out += [f"- {k}: " + ", ".join(f"{t:.1f}" for t in v) for k, v in o["round_ms"].items()]
         out += ["", "</details>", ""]
+    return out
+
+
+def _notes_section(cuda: bool) -> list[str]:
+    """How the figures were measured."""
+    out: list[str] = []
     out += ["## Notes", "",
             "- **Timing**: wall time between the ends of consecutive optimizer steps after the warm-up steps "
             "(CUDA is synchronized first); setup, class-image generation, latent caching and the final export are "
@@ -257,10 +287,15 @@ def render_markdown(report: Report) -> str:
             "- GPU runs: `python eval/bench_train.py --device cuda` (SD 1.5 at 512 px and SDXL at 1024 px, with "
             "8-bit AdamW + gradient checkpointing, bf16 autocast); `--quick`, `--only tiny|sd15|sdxl|overhead`, "
             "`--resolution`, `--steps`; `--help` for all options.", ""]
+    return out
+
+
+def _failures_section(report: Report) -> list[str]:
+    """Cases that failed, if any."""
+    out: list[str] = []
     if report.failures:
         out += ["## Failures", ""] + [f"- {f.splitlines()[0]} `{f.splitlines()[-1]}`" for f in report.failures] + [""]
-    return "\n".join(out)
-
+    return out
 
 def print_summary(report: Report, log: Callable[[str], None] = print) -> None:
     log(render_markdown(report))

@@ -25,7 +25,7 @@ one thread (HNSW insertion on several threads is not guaranteed to be determinis
 Embeddings come from an :class:`Embedder` (``name``, ``fingerprint``, ``embed_texts``, ``embed_images``):
 
 - :class:`OpenClipEmbedder`: open_clip ViT-B/32 for real photos (the weights that
-  ``personalize.evaluation.metrics.ClipMetric`` loads: a local checkpoint or the Hugging Face cache/hub);
+  ``personalize.metrics.ClipMetric`` loads: a local checkpoint or the Hugging Face cache/hub);
 - :class:`ToyEmbedder`: the toy world, where no CLIP weights exist. Captions are embedded with the
   shipped toy model's own text encoder; images with the toy world's identity judge. The toy text
   encoder never saw made-up subject names, and its hidden states bury a name under the scene and class

@@ -66,7 +66,7 @@ class OpenClipEmbedder(Embedder):
     """open_clip CLIP (ViT-B/32 by default): text and image embeddings in CLIP's joint space."""
 
     def __init__(self, metric, model_name: str = "ViT-B-32"):
-        """``metric``: a :class:`personalize.evaluation.metrics.ClipMetric` (its model, preprocess and tokenizer)."""
+        """``metric``: a :class:`personalize.metrics.ClipMetric` (its model, preprocess and tokenizer)."""
         self.metric = metric
         self.name = f"open_clip:{model_name}"
         self._fingerprint: Optional[str] = None
@@ -76,7 +76,7 @@ class OpenClipEmbedder(Embedder):
         """``weights``: a local open_clip checkpoint or a folder holding one (``--clip-weights``), or None for
         OpenAI's ViT-B/32 from the Hugging Face cache or hub; offline without them a clear
         ``MetricWeightsError`` says what is missing."""
-        from personalize.evaluation.metrics import ClipMetric
+        from personalize.metrics import ClipMetric
 
         return cls(ClipMetric.load(weights, model_name=model_name, device=device), model_name)
 
@@ -160,7 +160,7 @@ class ToyEmbedder(Embedder):
 
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
-        from personalize.evaluation.metrics import as_pil
+        from personalize.metrics import as_pil
         from personalize.toyworld.judge import to_tensor
 
         # one at a time into 64x64 tensors: a collection's images need not share a size

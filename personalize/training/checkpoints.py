@@ -34,6 +34,7 @@ import torch
 
 from personalize.errors import CheckpointError
 from personalize.utils.safe_state import load_tree, save_tree
+from personalize.utils.trees import flatten
 
 logger = logging.getLogger("personalize")
 STATE_FILE = "trainer_state.json"
@@ -110,20 +111,10 @@ def read_state(checkpoint: Path) -> dict:
 
 # -- what defines a run ----------------------------------------------------------------------------
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ between two configs (``Config.to_dict()``), ignoring those that do not
     change what the run computes; ``train.max_steps`` may grow under a constant LR schedule."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten(saved), flatten(current)
     constant = b.get("train.lr_scheduler") in CONSTANT_SCHEDULES
     ignored = RUN_INDEPENDENT + (("train.max_steps",) if constant else ())
     out = []
@@ -178,6 +169,51 @@ def save(accelerator, root: Path, step: int, state: dict, keep: Optional[int], w
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def state_of(stateful: dict) -> dict:
+    """``{name: obj.state_dict()}`` of the trainer's stateful objects (None stays None)."""
+    return {name: obj.state_dict() if obj is not None else None for name, obj in stateful.items()}
+
+
+def restore(checkpoint: Path, load_weights, stateful: dict, training_state: dict) -> None:
+    """Load the weights (``load_weights()``) and each stateful object's state; a part that does not fit this
+    run (another rank, another optimizer) is a :class:`CheckpointError` naming it."""
+    parts = [(WEIGHTS_FILE, load_weights)]
+    for name, obj in stateful.items():
+        if obj is not None and training_state.get(name) is not None:
+            parts.append((name, lambda obj=obj, name=name: obj.load_state_dict(training_state[name])))
+        elif obj is not None and name != "scaler":  # a grad scaler appears only with fp16 on a GPU
+            raise CheckpointError(f"{checkpoint}: holds no {name} state; resume from another checkpoint or drop "
+                                  "train.resume to start from step 0")
+    for name, load in parts:
+        try:
+            load()
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"{checkpoint}: its {name} state does not fit this run ({err}); resume from "
+                                  f"another checkpoint or drop train.resume to start from step 0") from None
+
+
+def register_accelerate_format(accelerator, method, stateful: list) -> None:
+    """For accelerate's own ``save_state`` / ``load_state`` (DeepSpeed, and checkpoints of earlier versions
+    resumed with ``model.allow_pickle``): save and load only the method's trainable weights, and the schedule
+    and EMA (``stateful``; None entries are skipped) as accelerate's custom checkpoints."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir) -> None:
+        weights.clear()  # accelerate would save full models
+        if accelerator.is_main_process:
+            save_file(method.trainable_state_dict(), str(Path(output_dir) / WEIGHTS_FILE))
+
+    def load_hook(models, input_dir) -> None:
+        models.clear()
+        method.load_trainable_state_dict(load_file(str(Path(input_dir) / WEIGHTS_FILE)))
+
+    for obj in stateful:
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def save_with_accelerate(accelerator, root: Path, step: int, state: dict, keep: Optional[int]) -> Path:

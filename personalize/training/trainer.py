@@ -21,20 +21,22 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from personalize.training import checkpoints as checkpointing
-from personalize.training.checkpoints import StopRequest, TrainingStopped
 from personalize.config import Config, ConfigError
-from personalize.errors import CheckpointError, OutputError, TrainingDiverged
 from personalize.data.cache import TextCache, cache_latents
 from personalize.data.class_images import ensure_class_images
 from personalize.data.datasets import PriorPairDataset, StepBatchSampler, collate
 from personalize.methods import get_method_class
-from personalize.methods.base import _unwrap
+from personalize.methods.base import unwrap
+from personalize.errors import CheckpointError, OutputError, TrainingDiverged
 from personalize.models import load_models
+from personalize.training import checkpoints as checkpointing
+from personalize.training.accelerator import fresh_accelerator_state, multi_process_without_accelerator
 from personalize.training.optimizers import build_lr_scheduler, build_optimizer
+from personalize.training.checkpoints import StopRequest, TrainingStopped
+from personalize.utils.files import atomic_write_json, move_into, save_image
 from personalize.utils.precision import resolve_mixed_precision
-from personalize.utils.files import atomic_write_json
 from personalize.utils.output_dir import OutputFolder, is_main_process
+from personalize.utils.trees import flatten
 
 logger = logging.getLogger("personalize")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,8 +56,8 @@ class Trainer:
     def setup(self) -> None:
         cfg, train, method = self.config, self.config.train, self.method
         log_with = None if train.report_to == "none" else train.report_to
-        _fresh_accelerator_state()
-        force_cpu = _multi_process_without_accelerator()
+        fresh_accelerator_state()
+        force_cpu = multi_process_without_accelerator()
         self.mixed_precision = precision = resolve_mixed_precision(
             train.mixed_precision, "cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
         if precision != train.mixed_precision:
@@ -107,16 +109,13 @@ class Trainer:
         prepared = acc.prepare(*method.trainable_modules().values(), self.optimizer)
         self.modules, self.optimizer = list(prepared[:-1]), prepared[-1]
         self._install_prepared(dict(zip(names, self.modules)))
-        acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = None
         if train.ema:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.params, decay=train.ema_decay)
             self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
-        acc.register_save_state_pre_hook(self._save_hook)
-        acc.register_load_state_pre_hook(self._load_hook)
+        checkpointing.register_accelerate_format(acc, method, [self.lr_scheduler, self.ema])
 
     def _install_prepared(self, prepared: dict) -> None:
         """Put the (possibly DDP-wrapped) trainable modules back into the model bundle."""
@@ -142,19 +141,6 @@ class Trainer:
             with self.accelerator.autocast():
                 cache.fill(self.method.prompts([e.prompt for d in datasets for e in d.examples] + [""]))
 
-    def _save_hook(self, models, weights, output_dir) -> None:
-        from safetensors.torch import save_file
-
-        weights.clear()  # accelerate would save full models; save only the trainable weights instead
-        if self.accelerator.is_main_process:
-            save_file(self.method.trainable_state_dict(), str(Path(output_dir) / "trainable_weights.safetensors"))
-
-    def _load_hook(self, models, input_dir) -> None:
-        from safetensors.torch import load_file
-
-        models.clear()
-        self.method.load_trainable_state_dict(load_file(str(Path(input_dir) / "trainable_weights.safetensors")))
-
     # ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """A checkpoint with no pickle in it (:mod:`personalize.training.checkpoints`); DeepSpeed's own format
@@ -166,13 +152,13 @@ class Trainer:
         if self._deepspeed():
             return checkpointing.save_with_accelerate(acc, self.checkpoint_root, self.step, state, keep)
         weights = self.method.trainable_state_dict() if acc.is_main_process else {}
-        return checkpointing.save(acc, self.checkpoint_root, self.step, state, keep, weights, self._training_state())
+        return checkpointing.save(acc, self.checkpoint_root, self.step, state, keep, weights,
+                                  checkpointing.state_of(self._stateful()))
 
-    def _training_state(self) -> dict:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None}
+    def _stateful(self) -> dict:
+        """What a checkpoint restores besides the weights: objects with ``state_dict`` / ``load_state_dict``."""
+        return {"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "ema": self.ema,
+                "scaler": getattr(self.accelerator, "scaler", None)}
 
     def _deepspeed(self) -> bool:
         from accelerate.utils import DistributedType
@@ -194,26 +180,11 @@ class Trainer:
             self.accelerator.load_state(str(checkpoint))
         else:
             weights, training_state = checkpointing.load(self.accelerator, checkpoint, state)
-            self._load_training_state(checkpoint, weights, training_state)
+            checkpointing.restore(checkpoint, lambda: self.method.load_trainable_state_dict(weights), self._stateful(),
+                                  training_state)
         self.step = int(state["global_step"])
         self._seconds_before = float(state.get("train_seconds", 0.0))
         logger.info("resumed from %s at step %d", checkpoint, self.step)
-
-    def _load_training_state(self, checkpoint: Path, weights: dict, training_state: dict) -> None:
-        parts = [(checkpointing.WEIGHTS_FILE, lambda: self.method.load_trainable_state_dict(weights)),
-                 ("optimizer", lambda: self.optimizer.load_state_dict(training_state["optimizer"])),
-                 ("lr_scheduler", lambda: self.lr_scheduler.load_state_dict(training_state["lr_scheduler"]))]
-        if self.ema is not None:
-            parts.append(("ema", lambda: self.ema.load_state_dict(training_state["ema"])))
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and training_state.get("scaler") is not None:
-            parts.append(("scaler", lambda: scaler.load_state_dict(training_state["scaler"])))
-        for name, load in parts:
-            try:
-                load()
-            except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-                raise CheckpointError(f"{checkpoint}: its {name} state does not fit this run ({err}); resume from "
-                                      f"another checkpoint or drop train.resume to start from step 0") from None
 
     def train_seconds(self) -> float:
         """Wall time of the training loop so far, over every resumed segment of this run."""
@@ -254,7 +225,8 @@ class Trainer:
             checkpointing.remove_stale_temporaries(self.checkpoint_root)
         self._resume()
         if acc.log_with:
-            acc.init_trackers("personalize", config=_flat(cfg.to_dict()))
+            acc.init_trackers("personalize", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in flatten(cfg.to_dict()).items()})
         accumulation = train.gradient_accumulation_steps
         sampler = StepBatchSampler(len(self.dataset), train.batch_size, train.seed, self.step * accumulation,
                                    acc.process_index, acc.num_processes)
@@ -351,11 +323,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def inference_models(self, reload_frozen: bool = False):
         """The model bundle with unwrapped modules; frozen modules reloaded in fp32 if asked."""
-        models = dataclasses.replace(self.models, unet=_unwrap(self.models.unet), vae=_unwrap(self.models.vae),
-                                     text_encoders=[_unwrap(e) for e in self.models.text_encoders])
+        models = dataclasses.replace(self.models, unet=unwrap(self.models.unet), vae=unwrap(self.models.vae),
+                                     text_encoders=[unwrap(e) for e in self.models.text_encoders])
         if reload_frozen and self.weight_dtype != torch.float32:
             fresh = load_models(self.config.model)
-            trained = {id(_unwrap(m)) for m in self.method.trainable_modules().values()}
+            trained = {id(unwrap(m)) for m in self.method.trainable_modules().values()}
             if id(models.vae) not in trained:
                 models.vae = fresh.vae
             models.text_encoders = [e if id(e) in trained else f.to(e.device)
@@ -376,7 +348,7 @@ class Trainer:
         grid = image_grid(images, rows=len(v.prompts))
         path = self.output_dir / "validation" / f"step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        save_image(grid, path)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 import numpy as np
@@ -407,52 +379,13 @@ class Trainer:
                               f"nothing was exported; checkpoints are in {self.checkpoint_root}") from None
         # a folder without run_summary.json is not finished: drop the old one first, write the new one last
         (self.output_dir / SUMMARY_FILE).unlink(missing_ok=True)
-        written = []
-        for item in sorted(tmp.iterdir()):
-            target = self.output_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            item.replace(target)
-            written.append(target)
-        tmp.rmdir()
+        written = move_into(tmp, self.output_dir)
         summary = {"method": self.method.name, "steps": self.step, "files": [p.name for p in written],
                    "train_seconds": round(self.train_seconds(), 1), "mixed_precision": self.mixed_precision,
                    "final_loss": self.history[-1]["loss"] if self.history else None}
         atomic_write_json(self.output_dir / SUMMARY_FILE, summary)
         logger.info("exported %s to %s", ", ".join(p.name for p in written), self.output_dir)
         return written
-
-
-def _fresh_accelerator_state() -> None:
-    """Accelerate keeps precision and accumulation in process-wide singletons; a second Trainer in the
-    same process (the demo, the tests) must be able to choose its own. The process group stays."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
-def _multi_process_without_accelerator() -> bool:
-    """torchrun (or mpirun) with several processes on a machine without GPU/XPU/...: accelerate joins
-    them into a gloo process group only when told ``cpu=True`` (``accelerate launch --cpu`` says so
-    through ACCELERATE_USE_CPU); without it every rank silently trains alone."""
-    world = max(int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if world <= 1:
-        return False
-    if hasattr(torch, "accelerator"):
-        return not torch.accelerator.is_available()
-    return not torch.cuda.is_available()
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
 
 
 def train(config: Config) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,20 @@ def save_image(image, target: str | Path) -> Path:
 
 
 _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def move_into(source: Path, folder: Path) -> list[Path]:
+    """Move every item of ``source`` into ``folder`` (a same-named folder there is replaced, a file
+    overwritten), then remove the emptied ``source``; returns the moved items' new paths."""
+    moved = []
+    for item in sorted(Path(source).iterdir()):
+        target = Path(folder) / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        item.replace(target)
+        moved.append(target)
+    Path(source).rmdir()
+    return moved
 
 
 def read_json(path: str | Path, error: type[Exception], what: str = "JSON", max_bytes: Optional[int] = None,

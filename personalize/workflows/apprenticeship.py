@@ -50,7 +50,7 @@ class ApprenticeshipSettings:
 
 
 def _slug(text: str) -> str:
-    from personalize.evaluation.rows import slug
+    from personalize.evaluation.records import slug
 
     return slug(text)
 
@@ -76,7 +76,8 @@ def apprentice_cluster(name: str, examples: list[ClusterRecord], settings: Appre
     """Train the expert on one cluster, generate, score, keep the best; skipped when done earlier."""
     from personalize.evaluation.subjects import BenchSubject, EvalPrompt, prompt_kind
     from personalize.evaluation.settings import EvalSettings
-    from personalize.evaluation.rows import FineTuneRow, _write_json
+    from personalize.evaluation.records import write_json
+    from personalize.evaluation.rows import FineTuneRow
 
     work = Path(settings.out) / "clusters" / _slug(name)
     result_file = work / "result.json"
@@ -127,7 +128,7 @@ def apprentice_cluster(name: str, examples: list[ClusterRecord], settings: Appre
               "kept": kept, "train_seconds": stats.get("train_seconds"),
               "score_kept_mean": sum(c["score"] for c in kept) / len(kept),
               "score_all_mean": sum(c["score"] for c in candidates) / len(candidates)}
-    _write_json(result_file, result)
+    write_json(result_file, result)
     log(f"{name}: kept {len(kept)} of {len(candidates)} generations (mean score {result['score_kept_mean']:.3f} "
         f"vs {result['score_all_mean']:.3f} for all)")
     return result

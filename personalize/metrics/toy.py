@@ -1,4 +1,4 @@
-"""ToyBench's judges behind the harness's metric interface (:class:`personalize.evaluation.metrics.SubjectMetrics`):
+"""ToyBench's judges behind the harness's metric interface (:class:`personalize.metrics.SubjectMetrics`):
 subject fidelity from the identity embedding, prompt fidelity from the attribute judge."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from personalize.evaluation.metrics.base import MetricWeightsError, SubjectMetrics, as_pil
+from personalize.metrics.base import MetricWeightsError, SubjectMetrics, as_pil
 
 
 def toy_prompt_attributes(prompt: str) -> dict[str, str]:

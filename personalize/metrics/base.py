@@ -18,7 +18,7 @@ A :class:`SubjectMetrics` answers ``image_similarity(generated, references)`` an
 
 Weights are read from safetensors; a pickled checkpoint (``.bin``, ``.pt``: loading one can run code)
 is refused unless the user trusts it with ``allow_pickle`` (``--allow-pickle``), and is then read with
-``torch.load(weights_only=True)``. :class:`personalize.evaluation.metrics.toy.ToyJudgeMetrics` puts ToyBench's judges
+``torch.load(weights_only=True)``. :class:`personalize.metrics.toy.ToyJudgeMetrics` puts ToyBench's judges
 behind the same interface, so one harness scores DreamBench and the toy world.
 """
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from personalize.errors import ModelLoadError
+from personalize.utils.tensors import pairwise_cosine  # noqa: F401  (part of the metrics' interface)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -51,17 +52,6 @@ class MetricWeightsError(ModelLoadError):
 
 
 # -- the interface --------------------------------------------------------------------------------
-
-def pairwise_cosine(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False) -> float:
-    """Mean cosine over all pairs (a_i, b_j); ``exclude_self`` (a is b) leaves out the pairs i == j."""
-    a, b = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
-    sims = a @ b.T
-    if exclude_self:
-        if len(a) < 2:
-            raise ValueError("need at least two images to compare distinct pairs")
-        sims = sims[~torch.eye(len(a), dtype=torch.bool)]
-    return float(sims.mean())
-
 
 def copy_paste_rate(generated: Sequence, references: Sequence, psnr_db: float = 20.0, size: int = 32) -> float:
     """The fraction of generated images that are near-duplicates of a reference (SuTI's copy-paste

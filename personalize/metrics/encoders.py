@@ -11,7 +11,7 @@ import torch
 
 from personalize.models.loading import offline_message
 
-from personalize.evaluation.metrics.base import (
+from personalize.metrics.base import (
     CLIP_FILES, CLIP_MODEL, CLIP_REPO, DINO_REPO, IMAGENET_MEAN, IMAGENET_STD, PICKLE_SUFFIXES, MetricWeightsError,
     SubjectMetrics, as_pil,
 )

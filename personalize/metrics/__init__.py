@@ -1,16 +1,16 @@
 """The metrics a benchmark scores with (:func:`load_metrics`): DreamBench's DINO + CLIP
 (:mod:`.encoders`), ToyBench's judges (:mod:`.toy`), or tiny random stand-ins; all behind
-:class:`~personalize.evaluation.metrics.base.SubjectMetrics`."""
+:class:`~personalize.metrics.base.SubjectMetrics`."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-from personalize.evaluation.metrics.base import (
+from personalize.metrics.base import (
     CLIP_FILES, CLIP_MODEL, CLIP_REPO, DINO_REPO, DISPLAY_NAMES, PICKLE_SUFFIXES, as_pil, copy_paste_rate,
     metric_names, MetricWeightsError, pairwise_cosine, SubjectMetrics,
 )
-from personalize.evaluation.metrics.encoders import (
+from personalize.metrics.encoders import (
     TINY_CLIP_CONFIG, ClipMetric, dino_transform, DinoMetric, resolve_weights, tiny_clip, tiny_dino,
 )
 
@@ -33,7 +33,7 @@ def load_metrics(kind: str = "dreambench", dino_weights: Optional[str] = None, c
     (``tiny``: the same code paths offline, meaningless numbers). Every missing weight file is named in
     one error; ``allow_pickle``: the user trusts pickled DINO / CLIP weights."""
     if kind == "toy":
-        from personalize.evaluation.metrics.toy import ToyJudgeMetrics
+        from personalize.metrics.toy import ToyJudgeMetrics
 
         return [ToyJudgeMetrics.load(judges)]
     if kind == "tiny":
