@@ -33,25 +33,28 @@ def shipped_recipes() -> list[Path]:
 
 
 def load_config(recipe: str | Path | dict, overrides: Optional[list[str]] = None) -> Config:
-    """Load a recipe (file path or dict), apply ``key=value`` overrides, validate everything."""
-    from personalize.methods import get_method_class, method_names
+    """Load a recipe (file path or dict), apply ``key=value`` overrides, validate everything. Only the
+    methods' options (:mod:`personalize.methods.options`) are imported, not the methods: a bad recipe is
+    refused without loading torch."""
+    from personalize.methods import options  # noqa: F401  (importing it registers every method's options)
+    from personalize.methods.registry import OPTIONS
 
     source = None if isinstance(recipe, dict) else str(recipe)
     raw = dict(recipe) if isinstance(recipe, dict) else read_recipe(recipe)
     raw = apply_overrides(raw, list(overrides or []))
     try:
-        return _from_dict(raw, source, get_method_class, method_names())
+        return _from_dict(raw, source, OPTIONS)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}" if source else str(err)) from None
 
 
-def _from_dict(raw: dict, source: Optional[str], get_method_class, known_methods: list[str]) -> Config:
+def _from_dict(raw: dict, source: Optional[str], options: dict[str, type]) -> Config:
+    known_methods = sorted(options)
     method = raw.get("method")
     if not isinstance(method, str):
         raise ConfigError(f"'method' is required; one of {', '.join(known_methods)}")
     if method not in known_methods:
         raise ConfigError(f"method: unknown method {method!r}{closest_key(method, known_methods)}")
-    method_cls = get_method_class(method)
     valid_roots = ["method", *SECTIONS, method]
     for key in raw:
         if key in known_methods and key != method:
@@ -59,8 +62,8 @@ def _from_dict(raw: dict, source: Optional[str], get_method_class, known_methods
         if key not in valid_roots:
             raise ConfigError(f"unknown section '{key}'{closest_key(str(key), valid_roots)}")
     sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    method_config = build_section(method_cls.config_cls, raw.get(method), method)
+    method_config = build_section(options[method], raw.get(method), method)
     config = Config(method=method, method_config=method_config, source=source, **sections)
-    method_cls.validate_config(config)
+    options[method].validate(config)
     check_memory(config)
     return config

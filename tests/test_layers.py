@@ -63,3 +63,19 @@ def test_the_command_line_parser_imports_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_a_bad_recipe_is_refused_without_importing_a_model_library():
+    """Config validation (every method's options) is free of torch: a typo is answered at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom personalize.recipes import load_config\nfrom personalize.errors import ConfigError\n"
+            "for o in (['lora.rnak=4'], ['lora.rank=0']):\n"
+            "    try:\n        load_config('recipes/tiny/lora.yaml', o)\n    except ConfigError as e:\n        print(e)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "did you mean 'rank'" in lines[0] and "lora.rank: must be > 0" in lines[1]
+    assert lines[-1] == "[]", result.stdout

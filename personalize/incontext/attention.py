@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCK_GROUPS = ("down", "mid", "up")
+from personalize.incontext.names import BLOCK_GROUPS, QUERY_MODES
+
 
 
 @dataclass
@@ -69,7 +70,6 @@ class PassReference:
         return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
-QUERY_MODES = ("shared", "self")
 
 
 class ReferenceAttnProcessor(nn.Module):

@@ -21,8 +21,9 @@ import torch
 
 from personalize.models.loading import ModelLoadError
 from personalize.utils.files import read_json
+from personalize.incontext.names import BLOCK_GROUPS, QUERY_MODES
 from personalize.incontext.attention import (
-    BLOCK_GROUPS, QUERY_MODES, ReferenceFeatures, install_reference_attention, reference_parameters,
+    ReferenceFeatures, install_reference_attention, reference_parameters,
     reference_state_dict,
 )
 

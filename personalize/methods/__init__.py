@@ -29,6 +29,6 @@ def get_method_class(name: str) -> type:
 
 
 def _load_builtin_methods() -> None:
-    from personalize.methods import (  # noqa: F401
+    from personalize.methods import (  # noqa: F401  (importing a method's module registers it)
         autoencoder, dreambooth, incontext, lora, text2image, textual_inversion,
     )

@@ -10,33 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from personalize.methods import losses
-from personalize.config import ConfigError, option
 from personalize.data.datasets import prepare_image
 from personalize.data.images import load_image
+from personalize.methods.options import AutoencoderConfig
 from personalize.methods.registry import register_method
 from personalize.methods.base import Method, unwrap
-
-
-@dataclass
-class AutoencoderConfig:
-    kl_weight: float = option(1e-6, "weight of the KL term (per latent element)")
-    mse_weight: float = option(1.0, "weight of the pixel MSE term (L1 always has weight 1)")
-    gradient_weight: float = option(0.5, "weight of the L1 loss on image gradients (edge sharpness)")
-    scaling_images: int = option(512, "training images encoded at export to set vae.config.scaling_factor")
-    train_encoder: bool = option(True, "false: fine-tune the decoder only (as SD's ft-MSE VAE was), so the latent "
-                                       "space, its scaling_factor and any U-Net trained on it stay valid")
-
-    def __post_init__(self) -> None:
-        for key in ("kl_weight", "mse_weight", "gradient_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"autoencoder.{key}: must be >= 0")
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -54,14 +38,6 @@ class Autoencoder(Method):
     name = "autoencoder"
     config_cls = AutoencoderConfig
 
-    @classmethod
-    def validate_config(cls, config) -> None:
-        super().validate_config(config)
-        if config.data.cache:
-            raise ConfigError("data.cache: the autoencoder method trains the VAE, so latents cannot be cached")
-        if config.validation.prompts:
-            raise ConfigError("validation.prompts: the autoencoder method has no text-to-image validation; "
-                              "set validation.prompts=[]")
 
     def setup(self, models) -> None:
         super().setup(models)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from personalize.methods import losses
-from personalize.config import Config, ConfigError
+from personalize.config import Config
 from personalize.data.class_images import existing_class_images
 from personalize.data.datasets import ImageDataset, PriorPairDataset, folder_examples, instance_examples, validated
 
@@ -23,7 +23,6 @@ from personalize.data.datasets import ImageDataset, PriorPairDataset, folder_exa
 class Method(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    supports_prior_preservation: ClassVar[bool] = False
     trains_text_encoder: bool = False  # whether text conditioning must be recomputed every step
 
     def __init__(self, config: Config):
@@ -35,9 +34,8 @@ class Method(ABC):
     # -- configuration -------------------------------------------------------------------------
     @classmethod
     def validate_config(cls, config: Config) -> None:
-        """Cross-section checks; raise ConfigError naming the key."""
-        if config.prior.enabled and not cls.supports_prior_preservation:
-            raise ConfigError(f"prior.enabled: method '{cls.name}' does not use prior preservation")
+        """Cross-section checks; raise ConfigError naming the key (:meth:`MethodOptions.validate`)."""
+        cls.config_cls.validate(config)
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self, models) -> None:

@@ -9,61 +9,27 @@ row and layer of the text encoder stays frozen and class prompts ("a dog") are e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from personalize.config import ConfigError, option
+from personalize.config import ConfigError
+from personalize.methods.options import DreamBoothConfig
 from personalize.methods.registry import register_method
 from personalize.methods.base import Method
 from personalize.methods.embeddings import TrainableEmbeddingRows, input_embedding
-
-
-@dataclass
-class DreamBoothConfig:
-    train_text_encoder: bool = option(False, "also fine-tune the text encoder(s)")
-    text_encoder_learning_rate: Optional[float] = option(None, "text encoder LR (default: train.learning_rate)")
-    identifier_token: Optional[str] = option(None, "pivotal tuning: the rare word of data.instance_prompt that names "
-                                                   "the subject (e.g. sks); its input embedding trains with the U-Net "
-                                                   "while the rest of the text encoder stays frozen. null: off")
-    identifier_learning_rate: Optional[float] = option(None, "LR of the identifier's embedding "
-                                                             "(default: train.learning_rate)")
-    export_single_file: bool = option(False, "also write model.safetensors in the original SD layout (A1111/ComfyUI)")
 
 
 @register_method
 class DreamBooth(Method):
     name = "dreambooth"
     config_cls = DreamBoothConfig
-    supports_prior_preservation = True
 
     @staticmethod
     def _identifier(options) -> Optional[str]:
         return getattr(options, "identifier_token", None)  # text2image reuses this class and has none
 
-    @classmethod
-    def validate_config(cls, config) -> None:
-        super().validate_config(config)
-        options = config.method_config
-        token = cls._identifier(options)
-        if token is None:
-            if getattr(options, "identifier_learning_rate", None) is not None:
-                raise ConfigError("dreambooth.identifier_learning_rate: set only with dreambooth.identifier_token")
-            return
-        if not token.strip() or " " in token:
-            raise ConfigError(f"dreambooth.identifier_token: must be one word without spaces, got {token!r}")
-        if options.train_text_encoder:
-            raise ConfigError("dreambooth.identifier_token: the whole text encoder already trains with "
-                              "dreambooth.train_text_encoder=true; set one of the two")
-        prompt = config.data.instance_prompt
-        if prompt is not None and token not in prompt.split():
-            raise ConfigError(f"data.instance_prompt: {prompt!r} does not contain dreambooth.identifier_token {token!r}")
-        class_prompt = config.prior.class_prompt
-        if config.prior.enabled and class_prompt and token in class_prompt.split():
-            raise ConfigError(f"prior.class_prompt: {class_prompt!r} contains dreambooth.identifier_token {token!r}; "
-                              "the class prompt must not name the subject")
 
     def setup(self, models) -> None:
         super().setup(models)

@@ -13,64 +13,18 @@ Exports ``incontext_weights.safetensors`` + ``incontext_config.json`` for ``pers
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from personalize.methods import losses
-from personalize.config import ConfigError, option
 from personalize.data.clusters import ClusterDataset, read_manifest
-from personalize.incontext.attention import (
-    BLOCK_GROUPS, QUERY_MODES, install_reference_attention, reference_parameters,
-)
+from personalize.incontext.attention import install_reference_attention, reference_parameters
 from personalize.incontext.model import InContextSpec, encode_references, predict_noise, save_incontext
+from personalize.methods.options import InContextConfig
 from personalize.methods.registry import register_method
 from personalize.methods.base import Method, unwrap
-from personalize.methods.lora import UNET_ATTENTION
-
-
-@dataclass
-class InContextConfig:
-    manifest: Optional[str] = option(None, "JSONL of cluster records {cluster, file_name, text[, context]}")
-    num_references: int = option(3, "K: examples shown with each target")
-    blocks: list[str] = option(["up"], "U-Net block groups that get reference attention: down, mid, up")
-    reference_timestep: int = option(0, "timestep at which the reference encoder sees the clean example latents")
-    reference_query: str = option("shared", "shared: reference attention uses the cross-attention's query; self: "
-                                            "a query of its own over layer-normed features, the query, key and "
-                                            "value starting from the block's self-attention")
-    text_dropout: float = option(0.1, "probability of training a sample without its prompt (text guidance)")
-    reference_dropout: float = option(0.1, "probability of training a sample without references (reference guidance)")
-    lora_rank: int = option(0, "0: base frozen, only the new layers train; > 0: also LoRA of this rank on the U-Net")
-    lora_learning_rate: Optional[float] = option(None, "LoRA learning rate (default: train.learning_rate)")
-    lora_target_modules: list[str] = option(UNET_ATTENTION, "U-Net module names that get LoRA (peft target_modules; "
-                                                            "e.g. also ff.net.0.proj, ff.net.2, proj_in, proj_out, "
-                                                            "conv1, conv2)")
-    toyworld_subjects: int = option(0, "render this many toy-world training subjects as clusters into the "
-                                       "manifest's folder if the manifest is missing")
-    toyworld_per_subject: int = option(6, "renders per toy-world subject (distinct contexts)")
-    toyworld_seed: int = option(0, "seed of the rendered toy-world clusters")
-    init_from: Optional[str] = option(None, "start the new layers (and LoRA) from this in-context model folder, "
-                                            "e.g. to train the shipped toy one further; this section may add "
-                                            "block groups and LoRA target modules, not remove them, raise its "
-                                            "K (examples per target), not lower it, and keep its LoRA rank")
-
-    def __post_init__(self) -> None:
-        if self.num_references < 1:
-            raise ConfigError(f"incontext.num_references: must be >= 1, got {self.num_references}")
-        bad = [b for b in self.blocks if b not in BLOCK_GROUPS]
-        if bad or not self.blocks:
-            raise ConfigError(f"incontext.blocks: {self.blocks}; choose from {', '.join(BLOCK_GROUPS)}")
-        if self.reference_query not in QUERY_MODES:
-            raise ConfigError(f"incontext.reference_query: {self.reference_query!r}; choose from {', '.join(QUERY_MODES)}")
-        for key in ("text_dropout", "reference_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"incontext.{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.lora_rank < 0:
-            raise ConfigError(f"incontext.lora_rank: must be >= 0, got {self.lora_rank}")
-        if not self.lora_target_modules:
-            raise ConfigError("incontext.lora_target_modules: empty; name the U-Net modules that get LoRA")
 
 
 def _keep_references(seeds: list[int], p: float) -> torch.Tensor:
@@ -83,15 +37,6 @@ class InContext(Method):
     name = "incontext"
     config_cls = InContextConfig
 
-    @classmethod
-    def validate_config(cls, config) -> None:
-        super().validate_config(config)
-        if not config.method_config.manifest:
-            raise ConfigError("incontext.manifest: the in-context method trains on a cluster manifest (JSONL); "
-                              "make one with data_tools/build_clusters.py or data_tools/toy_clusters.py")
-        if config.validation.prompts:
-            raise ConfigError("validation.prompts: in-context validation needs reference images; set "
-                              "validation.prompts=[] and use personalize zero-shot on the output")
 
     def lora_config(self) -> Optional[dict]:
         if not self.options.lora_rank:

@@ -7,55 +7,26 @@ kohya key format that A1111, ComfyUI, kohya's sd-scripts and diffusers' kohya co
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from personalize.config import ConfigError, option
+from personalize.config import ConfigError
 from personalize.errors import ModelLoadError, UserError
+from personalize.methods.options import LoRAConfig
 from personalize.methods.registry import register_method
 from personalize.methods.base import Method
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = option(4, "LoRA rank r")
-    alpha: Optional[float] = option(None, "LoRA alpha (scale = alpha / rank); default: equal to rank")
-    dropout: float = option(0.0, "dropout on the LoRA path")
-    target_modules: list[str] = option(UNET_ATTENTION, "U-Net module names to adapt (peft target_modules)")
-    train_text_encoder: bool = option(False, "also add LoRA to the text encoder(s)")
-    text_encoder_rank: Optional[int] = option(None, "text encoder LoRA rank (default: rank)")
-    text_encoder_target_modules: list[str] = option(TEXT_ATTENTION, "text encoder module names to adapt")
-    text_encoder_learning_rate: Optional[float] = option(None, "text encoder LR (default: train.learning_rate)")
-    export_kohya: bool = option(False, "also write pytorch_lora_weights_kohya.safetensors (A1111 / ComfyUI)")
-
-    def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"lora.rank: must be > 0, got {self.rank}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        if self.text_encoder_rank is not None and self.text_encoder_rank <= 0:
-            raise ConfigError(f"lora.text_encoder_rank: must be > 0, got {self.text_encoder_rank}")
-        if not self.target_modules:
-            raise ConfigError("lora.target_modules: name at least one module")
 
 
 @register_method
 class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
-    supports_prior_preservation = True
 
     def _peft_config(self, rank: int, targets: list[str]) -> LoraConfig:
         alpha = self.options.alpha if self.options.alpha is not None else rank

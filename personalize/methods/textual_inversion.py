@@ -6,15 +6,15 @@ token the tokenizer already has."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 
-from personalize.config import ConfigError, option
+from personalize.config import ConfigError
 from personalize.errors import DataError, ModelLoadError
+from personalize.methods.options import TextualInversionConfig
 from personalize.methods.registry import register_method
 from personalize.methods.base import Method
 from personalize.methods.embeddings import TrainableEmbeddingRows, input_embedding
@@ -23,32 +23,12 @@ from personalize.methods.embeddings import TrainableEmbeddingRows, input_embeddi
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 
 
-@dataclass
-class TextualInversionConfig:
-    placeholder_token: str = option("<sks>", "the new token that names the subject in prompts")
-    initializer_token: str = option("object", "a single existing token whose embedding starts the new one(s)")
-    num_vectors: int = option(1, "embedding vectors behind the placeholder (more = more capacity)")
-
-    def __post_init__(self) -> None:
-        if self.num_vectors < 1:
-            raise ConfigError(f"textual_inversion.num_vectors: must be >= 1, got {self.num_vectors}")
-        if not self.placeholder_token.strip() or " " in self.placeholder_token:
-            raise ConfigError("textual_inversion.placeholder_token: must be one word without spaces")
-
-
 @register_method
 class TextualInversion(Method):
     name = "textual_inversion"
     config_cls = TextualInversionConfig
     trains_text_encoder = True
 
-    @classmethod
-    def validate_config(cls, config) -> None:
-        super().validate_config(config)
-        token = config.method_config.placeholder_token
-        prompt = config.data.instance_prompt
-        if prompt is not None and token not in prompt:
-            raise ConfigError(f"data.instance_prompt: {prompt!r} does not contain the placeholder token {token!r}")
 
     @property
     def tokens(self) -> list[str]:
