@@ -36,9 +36,9 @@ from typing import Callable
 from personalize.perf.cases import (METHODS, PARTS, ROOT, TINY_RECIPES, VARIATION_LABELS, VARIATIONS,
                                      BenchSettings, _data_overrides, plan_cases)
 from personalize.perf.measure import BareLoop, measure_case, measure_overhead
-from personalize.perf.models import (RESULT_MARK, WORKERS, _set_threads, build_random_model, run_worker,
+from personalize.perf.models import (RESULT_MARK, WORKERS, set_threads, build_random_model, run_worker,
                                       sd15_configs, sdxl_configs, worker_main)
-from personalize.perf.report import (Report, _loadavg, environment, merge_passes, overhead_table, print_summary,
+from personalize.perf.report import (Report, loadavg, environment, merge_passes, overhead_table, print_summary,
                                       render_markdown, sd_table, tiny_table)
 
 __all__ = ["METHODS", "PARTS", "ROOT", "RESULT_MARK", "TINY_RECIPES", "VARIATIONS", "VARIATION_LABELS", "WORKERS",
@@ -56,7 +56,7 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch sees no CUDA device")
     if not settings.isolate:
-        _set_threads(settings.threads)
+        set_threads(settings.threads)
     report = Report(settings=dataclasses.asdict(settings), environment=environment(settings.device))
     if settings.threads:
         report.environment["torch_threads"] = settings.threads
@@ -103,7 +103,7 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = print) -
             shutil.rmtree(work, ignore_errors=True)
         elif not settings.model_dir:
             shutil.rmtree(model_root, ignore_errors=True)
-    report.environment["load_after"] = _loadavg()
+    report.environment["load_after"] = loadavg()
     report.wall_s = time.perf_counter() - start
     if settings.output:
         path = Path(settings.output)

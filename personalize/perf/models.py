@@ -94,7 +94,7 @@ WORKERS: dict[str, Callable[[dict], dict]] = {"case": measure_case, "overhead": 
                                               "build": build_random_model}
 
 
-def _set_threads(threads: Optional[int]) -> None:
+def set_threads(threads: Optional[int]) -> None:
     if threads:
         import torch
 
@@ -103,7 +103,7 @@ def _set_threads(threads: Optional[int]) -> None:
 
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    _set_threads(spec.get("threads"))
+    set_threads(spec.get("threads"))
     result = WORKERS[spec["kind"]](spec)
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0

@@ -56,7 +56,7 @@ def environment(device: str) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     env = {"cpu": cpu, "cores": logical, "usable_cores": usable, "memory_gib": memory,
            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "date": now, "device": device, "load_before": _loadavg()}
+           "torch_threads": torch.get_num_threads(), "date": now, "device": device, "load_before": loadavg()}
     for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
         try:
             env[name] = __import__(name).__version__
@@ -68,7 +68,7 @@ def environment(device: str) -> dict:
     return env
 
 
-def _loadavg() -> Optional[list[float]]:
+def loadavg() -> Optional[list[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
