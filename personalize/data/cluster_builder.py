@@ -24,8 +24,6 @@ kept, dropped and why) are written atomically, and only when at least one cluste
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -37,6 +35,7 @@ from tqdm.auto import tqdm
 from personalize.data.clusters import ClusterRecord, write_manifest
 from personalize.data.images import IMAGE_EXTENSIONS, DataError, ImageError, load_image
 from personalize.data.jsonl import parse_jsonl
+from personalize.utils.files import atomic_write_json
 from personalize.utils.tensors import pairwise_cosine
 
 MAX_LISTED = 20  # bad records listed in an error message; the rest are counted
@@ -345,10 +344,7 @@ def stats_path(manifest: str | Path) -> Path:
 
 def _write_json_atomically(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, data)
 
 
 def _no_cluster_kept(stats: ClusterStats) -> DataError:

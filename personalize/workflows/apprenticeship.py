@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from personalize.data.clusters import ClusterRecord, read_manifest, write_manifest
 from personalize.data.images import DataError
+from personalize.evaluation.records import slug
 
 DEFAULT_TEMPLATES = ("a {} in the snow", "a {} on the beach", "a {} in the jungle", "a {} in the city",
                      "a {} on a wooden floor", "a {} at night", "a {} wearing a red hat", "a {} wearing a rainbow scarf")
@@ -49,12 +50,6 @@ class ApprenticeshipSettings:
             raise DataError(f"templates: each needs exactly one '{{}}' for the subject; bad: {bad or 'none given'}")
 
 
-def _slug(text: str) -> str:
-    from personalize.evaluation.records import slug
-
-    return slug(text)
-
-
 def run_apprenticeship(manifest: str | Path, settings: ApprenticeshipSettings, metrics: Sequence,
                        log: Callable[[str], None] = print) -> Path:
     """Run the recipe over the clusters of ``manifest``; return the written in-context manifest."""
@@ -79,7 +74,7 @@ def apprentice_cluster(name: str, examples: list[ClusterRecord], settings: Appre
     from personalize.evaluation.records import write_json
     from personalize.evaluation.rows import FineTuneRow
 
-    work = Path(settings.out) / "clusters" / _slug(name)
+    work = Path(settings.out) / "clusters" / slug(name)
     result_file = work / "result.json"
     if result_file.is_file():
         log(f"{name}: done earlier, skipped")
@@ -139,7 +134,7 @@ def write_apprentice_manifest(out: Path, clusters: dict[str, list[ClusterRecord]
     targets (context "generated: TEMPLATE", so targets differ in context from the examples)."""
     records = []
     for name, examples in clusters.items():
-        result_file = out / "clusters" / _slug(name) / "result.json"
+        result_file = out / "clusters" / slug(name) / "result.json"
         if not result_file.is_file():
             continue
         result = json.loads(result_file.read_text())
