@@ -153,8 +153,8 @@ def test_nan_loss_stops_without_export(tmp_path, monkeypatch):
 
     original = LoRA.loss
 
-    def poisoned(self, batch, models):
-        terms = original(self, batch, models)
+    def poisoned(self, batch):  # the method's loss(batch) contract (issue 23): the models come through bind
+        terms = original(self, batch)
         return {"diffusion_loss": terms["diffusion_loss"] * float("nan")}
 
     monkeypatch.setattr(LoRA, "loss", poisoned)

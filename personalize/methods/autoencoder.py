@@ -56,8 +56,8 @@ class Autoencoder(Method):
     def gradient_checkpointing(self) -> None:
         unwrap(self.models.vae).enable_gradient_checkpointing()
 
-    def loss(self, batch: dict, models) -> dict[str, torch.Tensor]:
-        vae = models.vae
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        vae = self.models.vae
         device = next(unwrap(vae).parameters()).device
         pixels = batch["pixel_values"].to(device)
         with torch.set_grad_enabled(self.options.train_encoder):

@@ -28,8 +28,8 @@ class Method(ABC):
     def __init__(self, config: Config):
         self.config = config
         self.options = config.method_config
-        self.models = None
-        self.text_cache = None  # set by the trainer when the text encoders are frozen and data.cache is on
+        self.models = None  # the model bundle: given in setup, then the prepared one through bind
+        self.text_cache = None  # with data.cache and frozen text encoders, given through bind
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
@@ -43,6 +43,11 @@ class Method(ABC):
         self.models = models
         for module in [models.unet, models.vae, *models.text_encoders]:
             module.requires_grad_(False)
+
+    def bind(self, models, text_cache=None) -> None:
+        """The trainer hands over, once, what :meth:`loss` runs on: the model bundle with the prepared (possibly
+        DDP-wrapped) trainable modules, and the text-embedding cache when the text encoders are frozen."""
+        self.models, self.text_cache = models, text_cache
 
     @abstractmethod
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -117,8 +122,8 @@ class Method(ABC):
             return self.text_cache(prompts, device)
         return self.models.encode_text(self.models.tokenize(prompts))
 
-    def loss(self, batch: dict, models) -> dict[str, torch.Tensor]:
-        train = self.config.train
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        models, train = self.models, self.config.train
         scheduler = models.noise_scheduler
         seeds = batch["sample_seeds"]
         device = next(unwrap(models.unet).parameters()).device

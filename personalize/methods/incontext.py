@@ -124,8 +124,8 @@ class InContext(Method):
             mean, std = self.models.encode_images(pixels.flatten(0, len(shape) - 4))
         return mean.float().view(*shape[:-3], *mean.shape[1:]), std.float().view(*shape[:-3], *std.shape[1:])
 
-    def loss(self, batch: dict, models) -> dict[str, torch.Tensor]:
-        train, o = self.config.train, self.options
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        models, train, o = self.models, self.config.train, self.options
         unet, scheduler, seeds = models.unet, models.noise_scheduler, batch["sample_seeds"]
         device = next(unwrap(unet).parameters()).device
         mean, std = self._latents(batch, "", device)

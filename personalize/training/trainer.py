@@ -94,8 +94,7 @@ class Trainer:
                 p.data = p.data.to(torch.float32 if keep else self.weight_dtype)
         if train.gradient_checkpointing:
             method.gradient_checkpointing()
-        if cfg.data.cache:
-            self._cache()
+        text_cache = self._cache() if cfg.data.cache else None
 
         self.params = [p for group in method.trainable_parameters() for p in group["params"]]
         if not self.params:
@@ -109,6 +108,7 @@ class Trainer:
         prepared = acc.prepare(*method.trainable_modules().values(), self.optimizer)
         self.modules, self.optimizer = list(prepared[:-1]), prepared[-1]
         self._install_prepared(dict(zip(names, self.modules)))
+        method.bind(self.models, text_cache)  # the one handover: what the loss runs on
         self.ema = None
         if train.ema:
             from diffusers.training_utils import EMAModel
@@ -127,19 +127,22 @@ class Trainer:
         for i, key in enumerate(["text_encoder", "text_encoder_2"][: len(models.text_encoders)]):
             if key in prepared:
                 models.text_encoders[i] = prepared[key]
-        self.method.models = models
 
-    def _cache(self) -> None:
+    def _cache(self):
+        """Cache the VAE latents (on disk) and, when the text encoders are frozen, the text embeddings
+        (returned, for :meth:`Method.bind`)."""
         datasets = [self.dataset.instance, self.dataset.class_] if isinstance(self.dataset, PriorPairDataset) else [self.dataset]
         show = self.config.train.progress_bar and self.accelerator.is_main_process
         for i, dataset in enumerate(datasets):  # kept on disk: a resumed run does not encode again
             cache_latents(dataset, self.models, self.accelerator.device, progress=show,
                           cache_file=self.output_dir / "cache" / f"latents-{i}.safetensors",
                           write=self.accelerator.is_main_process)
-        if not self.method.trains_text_encoder:
-            self.method.text_cache = cache = TextCache(self.models)
-            with self.accelerator.autocast():
-                cache.fill(self.method.prompts([e.prompt for d in datasets for e in d.examples] + [""]))
+        if self.method.trains_text_encoder:
+            return None
+        cache = TextCache(self.models)
+        with self.accelerator.autocast():
+            cache.fill(self.method.prompts([e.prompt for d in datasets for e in d.examples] + [""]))
+        return cache
 
     # ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -273,7 +276,7 @@ class Trainer:
             torch.manual_seed(train.seed * 1_000_003 + (self.step * accumulation + micro) * 1009 + acc.process_index)
             with acc.accumulate(*self.modules):
                 with acc.autocast():
-                    terms = self.method.loss(batch, self.models)
+                    terms = self.method.loss(batch)
                 loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
                 self._check_finite(loss, terms)
                 acc.backward(loss)
