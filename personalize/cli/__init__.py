@@ -30,7 +30,8 @@ def setup_logging(verbose: bool = False) -> None:
 def cmd_train(args) -> int:
     from personalize.recipes import load_config, resolve_recipe
 
-    config = load_config(resolve_recipe(args.recipe), args.overrides)  # a bad recipe is refused before the trainer loads
+    # a bad recipe is refused before the trainer (torch, diffusers) loads
+    config = load_config(resolve_recipe(args.recipe), args.overrides)
     from personalize.training.trainer import Trainer
 
     out = Trainer(config).train()
@@ -81,10 +82,20 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _add_module_command(sub, name: str, module, func, help: str) -> None:
+    """A subcommand whose description (its docstring) and options (its ``add_arguments``) live in ``module``."""
+    p = sub.add_parser(name, help=help, description=module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from personalize.cli import eval as cli_eval, generate as cli_generate, zero_shot as cli_zero_shot
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train with a recipe (same as `accelerate launch -m personalize.train`)",
@@ -94,12 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
 
-    from personalize.cli.generate import __doc__ as generate_doc, add_arguments as add_generate_arguments
-
-    p = sub.add_parser("generate", help="generate images with a base model + LoRA / embeddings / DreamBooth output",
-                       description=generate_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_generate_arguments(p)
-    p.set_defaults(func=cmd_generate)
+    _add_module_command(sub, "generate", cli_generate, cmd_generate,
+                        help="generate images with a base model + LoRA / embeddings / DreamBooth output")
 
     p = sub.add_parser("demo", help="personalize the shipped toy model to a subject with each method and report",
                        description="The toy-world demo (no download, CPU): takes a held-out toy subject (or "
@@ -120,19 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings match, the report is rewritten)")
     p.set_defaults(func=cmd_demo)
 
-    from personalize.cli.eval import __doc__ as eval_doc, add_arguments as add_eval_arguments
+    _add_module_command(sub, "eval", cli_eval, cmd_eval,
+                        help="DreamBench table (DINO, CLIP-I, CLIP-T) or ToyBench for any method, with reports")
 
-    p = sub.add_parser("eval", help="DreamBench table (DINO, CLIP-I, CLIP-T) or ToyBench for any method, with reports",
-                       description=eval_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_arguments(p)
-    p.set_defaults(func=cmd_eval)
-
-    from personalize.cli.zero_shot import __doc__ as zero_shot_doc, add_arguments as add_zero_shot_arguments
-
-    p = sub.add_parser("zero-shot", help="generate a subject from reference photos with an in-context model",
-                       description=zero_shot_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_zero_shot_arguments(p)
-    p.set_defaults(func=cmd_zero_shot)
+    _add_module_command(sub, "zero-shot", cli_zero_shot, cmd_zero_shot,
+                        help="generate a subject from reference photos with an in-context model")
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)

@@ -29,6 +29,7 @@ from personalize.evaluation.subjects import BenchSubject
 from personalize.errors import ConfigError
 from personalize.sampling import render_batched
 from personalize.evaluation.records import PeakMemory, as_json, changes, file_digests, read_json, slug, write_json
+from personalize.utils.registry import checked_name
 from personalize.utils.trees import flatten
 
 if TYPE_CHECKING:
@@ -189,7 +190,8 @@ class FineTuneRow(Row):
         summary = read_json(run_dir / "run_summary.json") if earlier is not None else None
         if earlier is not None and not earlier.get("finished") and summary is not None:
             # the training finished (its export is complete); only this record of it was not written
-            earlier = {"train_seconds": summary.get("train_seconds"), "train_loop_seconds": summary.get("train_seconds"),
+            seconds = summary.get("train_seconds")
+            earlier = {"train_seconds": seconds, "train_loop_seconds": seconds,
                        "train_steps": summary.get("steps"), "peak_memory_train_mib": None, "made_with": made_with,
                        "finished": True}
             write_json(record, earlier)
@@ -270,12 +272,7 @@ ZERO_SHOT: dict[str, type] = {}
 def register_zero_shot(cls: type) -> type:
     """Class decorator: a zero-shot row, built as ``cls(base, label, arg)`` (``arg``: what follows
     ``NAME:`` in the row spec, e.g. a model folder), with ``generate`` (checked, no duplicates, like methods)."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"{cls.__name__}.name must be an identifier, got {name!r}")
-    if name in ZERO_SHOT and ZERO_SHOT[name] is not cls:
-        raise ValueError(f"a zero-shot method named {name!r} is already registered")
-    ZERO_SHOT[name] = cls
+    ZERO_SHOT[checked_name(ZERO_SHOT, cls, "name", "a zero-shot method")] = cls
     return cls
 
 

@@ -30,7 +30,7 @@ from personalize.data.cluster_builder import BadRecord
 from personalize.retrieval.embedders import Embedder, embedder_for, normalize
 from personalize.retrieval.errors import RetrievalError, import_faiss
 from personalize.retrieval.folder import (
-    FILES, FORMAT_VERSION, IMAGE_INDEX, META, RECORDS, TEXT_INDEX, check_index_folder, is_count, read_meta,
+    FORMAT_VERSION, IMAGE_INDEX, META, RECORDS, TEXT_INDEX, check_index_folder, is_count, read_meta,
     read_records, refuse_inputs_among_outputs)
 from personalize.retrieval.records import Embedded, embed_collection, read_collection, read_image_file, resolve_inside
 from personalize.utils.files import atomic_write_bytes
